@@ -1,0 +1,42 @@
+# Ember — the commands a newcomer needs. See README.md.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+BENCHES := eventlog
+QUICK ?=
+
+.PHONY: bootstrap lint fmt typecheck test test-fast demo bench $(addprefix bench-,$(BENCHES)) schema clean
+
+bootstrap:  ## install missing Debian packages and the project into .venv (idempotent)
+	@bash scripts/bootstrap.sh
+
+lint: bootstrap  ## ruff, import contracts, mypy (strict on ember.core)
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/lint-imports
+	$(BIN)/mypy
+
+fmt: bootstrap
+	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests
+
+test: bootstrap lint  ## everything: lint + unit + integration + e2e
+	$(BIN)/pytest -q
+
+test-fast: bootstrap
+	$(BIN)/pytest -q tests/unit
+
+demo: bootstrap  ## bring up the single-node stack and show the control plane working
+	@bash scripts/demo.sh
+
+bench: $(addprefix bench-,$(BENCHES))
+
+bench-%: bootstrap
+	$(PY) -m ember.bench.$* $(if $(QUICK),--quick,) --out bench/results/$*.json
+
+schema: bootstrap  ## regenerate docs/specs/db-schema.sql from the migrations
+	$(PY) -m tests.support.schema_snapshot --write docs/specs/db-schema.sql
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

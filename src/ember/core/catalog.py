@@ -1,0 +1,30 @@
+"""The registry of every event type the platform writes.
+
+Each domain module defines its payload models and registers them here; the store
+validates appends and upcasts reads against this one registry.
+"""
+
+from __future__ import annotations
+
+from ember.core.events import EventData, EventRegistry
+
+REGISTRY = EventRegistry()
+
+
+@REGISTRY.register
+class StackStarted(EventData):
+    """`ember dev up` brought the single-node stack up (stream ``stack-<name>``)."""
+
+    event_type = "stack.started"
+    hostname: str
+    version: str
+    database: str
+    """``embedded`` or ``external``."""
+
+
+@REGISTRY.register
+class StackStopped(EventData):
+    """`ember dev down` stopped the single-node stack."""
+
+    event_type = "stack.stopped"
+    hostname: str

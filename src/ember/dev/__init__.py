@@ -1,0 +1,1 @@
+"""The single-node stack (`ember dev up`): the composition root for one machine."""

@@ -1,0 +1,58 @@
+"""The `ember` executable: assembles the user CLI with the operator and dev commands, and
+is the only place that turns errors into exit codes (docs/specs/cli.md)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import click
+
+from ember import __version__
+from ember.cli.exits import Exit, report
+from ember.core.errors import EmberError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ember")
+def root() -> None:
+    """Ember: deploy OCI images as microVMs behind an L4 edge."""
+
+
+def _register() -> None:
+    from ember.dev.commands import dev
+    from ember.ops.admin import admin
+    from ember.ops.server import server
+
+    for group in (dev, admin, server):
+        root.add_command(group)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in args
+    _register()
+    try:
+        root.main(args=args, prog_name="ember", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.Abort:
+        click.echo("Aborted.", err=True)
+        return int(Exit.UNEXPECTED)
+    except click.ClickException as exc:
+        exc.show()
+        return int(Exit.USAGE) if isinstance(exc, click.UsageError) else exc.exit_code
+    except EmberError as exc:
+        return int(report(exc, as_json=as_json))
+    except KeyboardInterrupt:
+        return 130
+    return int(Exit.OK)
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

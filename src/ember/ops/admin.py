@@ -1,0 +1,152 @@
+"""`ember admin`: operator commands that work on the control-plane database directly."""
+
+from __future__ import annotations
+
+import click
+
+from ember.cli.output import emit_fields, emit_json, emit_table
+from ember.core.events import ZERO, Cursor
+from ember.ops.context import OpsContext, json_option, pass_ops
+from ember.store import migrations
+from ember.store.eventlog import dumps
+
+
+@click.group()
+def admin() -> None:
+    """Operate the control plane: migrations, projections, the event log."""
+
+
+@admin.command()
+@json_option
+@pass_ops
+def migrate(ops: OpsContext) -> None:
+    """Apply pending database migrations (safe to run any time)."""
+    applied = migrations.migrate(ops.database_url)
+    names = [f"{m.version:04d}_{m.name}" for m in applied]
+    if ops.as_json:
+        emit_json({"applied": names})
+    else:
+        click.echo("Applied: " + ", ".join(names) if names else "Database schema is up to date.")
+
+
+@admin.group()
+def projections() -> None:
+    """Inspect, run and rebuild projections (the views built from the event log)."""
+
+
+@projections.command("status")
+@json_option
+@pass_ops
+def projections_status(ops: OpsContext) -> None:
+    """Each projection's cursor and how many events it has yet to fold."""
+    rows = ops.projections().status()
+    if ops.as_json:
+        emit_json(
+            [{"name": s.name, "cursor": str(s.cursor), "lag_events": s.lag_events} for s in rows]
+        )
+    else:
+        emit_table(None, ["PROJECTION", "CURSOR", "LAG"], [(s.name, s.cursor, s.lag_events) for s in rows])
+
+
+@projections.command("run")
+@click.argument("name", required=False)
+@json_option
+@pass_ops
+def projections_run(ops: OpsContext, name: str | None) -> None:
+    """Fold every readable event into the views once, then stop."""
+    totals = ops.projections().catch_up(name)
+    _print_totals(ops, totals, "folded")
+
+
+@projections.command("rebuild")
+@click.argument("name", required=False)
+@json_option
+@pass_ops
+def projections_rebuild(ops: OpsContext, name: str | None) -> None:
+    """Empty the views and replay the whole event log (all projections, or NAME)."""
+    runner = ops.projections()
+    totals = runner.rebuild(name)
+    if ops.as_json:
+        emit_json(
+            {n: {"events": c, "digest": runner.digest(n)} for n, c in totals.items()}
+        )
+    else:
+        for n, c in totals.items():
+            click.echo(f"Rebuilt {n} from {c} events (digest {runner.digest(n)[:16]})")
+
+
+@admin.group()
+def events() -> None:
+    """Read the event log."""
+
+
+@events.command("list")
+@click.option("--after", "after", default=str(ZERO), show_default=True, help="Cursor to read after.")
+@click.option("--stream", "stream_id", default=None, help="Only this stream, in version order.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
+@json_option
+@pass_ops
+def events_list(ops: OpsContext, after: str, stream_id: str | None, limit: int) -> None:
+    """Events in commit-safe order (or one stream's events)."""
+    log = ops.event_log()
+    cursor = Cursor.parse(after)
+    page = log.read_stream(stream_id, limit=limit) if stream_id else log.read_all(cursor, limit=limit)
+    if ops.as_json:
+        for event in page:
+            click.echo(dumps(event))
+        return
+    emit_table(
+        None,
+        ["CURSOR", "STREAM", "VER", "TYPE", "RECORDED"],
+        [
+            (e.cursor, e.stream_id, e.stream_version, e.type, e.recorded_at.isoformat(timespec="seconds"))
+            for e in page
+        ],
+    )
+
+
+@events.command("tail")
+@click.option("--after", "after", default=None, help="Cursor to read after (default: now).")
+@json_option
+@pass_ops
+def events_tail(ops: OpsContext, after: str | None) -> None:
+    """Follow the event log live (Ctrl-C to stop); one JSON line per event."""
+    log = ops.event_log()
+    cursor = Cursor.parse(after) if after else log.head()
+    try:
+        for event in log.subscribe(cursor):
+            click.echo(dumps(event))
+    except KeyboardInterrupt:
+        pass
+
+
+@events.command("streams")
+@click.option("--kind", default=None, help="Only streams of this kind (the part before '-').")
+@json_option
+@pass_ops
+def events_streams(ops: OpsContext, kind: str | None) -> None:
+    """Every stream with its version and last event (from the 'streams' view)."""
+    with ops.db.connection() as conn:
+        rows = conn.execute(
+            "SELECT stream_id, kind, version, last_type, last_recorded_at FROM view_streams "
+            "WHERE %(k)s::text IS NULL OR kind = %(k)s ORDER BY stream_id",
+            {"k": kind},
+        ).fetchall()
+    if ops.as_json:
+        emit_json(
+            [
+                {"stream_id": r[0], "kind": r[1], "version": r[2], "last_type": r[3],
+                 "last_recorded_at": r[4].isoformat()}
+                for r in rows
+            ]
+        )
+    else:
+        emit_table(None, ["STREAM", "KIND", "VERSION", "LAST EVENT", "AT"],
+                   [(r[0], r[1], r[2], r[3], r[4].isoformat(timespec="seconds")) for r in rows])
+
+
+def _print_totals(ops: OpsContext, totals: dict[str, int], verb: str) -> None:
+    if ops.as_json:
+        emit_json(totals)
+    else:
+        emit_fields({name: f"{count} events {verb}" for name, count in totals.items()})

@@ -1,0 +1,1 @@
+"""Postgres: the event log, projections, views and migrations. Imports only ember.core."""

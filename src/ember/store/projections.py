@@ -1,0 +1,171 @@
+"""Projections: fold the event log into view tables, checkpointed in the same transaction.
+
+A projection handles a batch inside one transaction that also moves its checkpoint, so a
+crash mid-batch rolls back both and the batch is simply delivered again. Handlers must
+also be idempotent on their own (guard rows by stream version): delivery is at least once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import psycopg
+
+from ember.core.errors import NotFound
+from ember.core.events import ZERO, Cursor, EventRegistry, RecordedEvent
+from ember.store.db import Database
+from ember.store.eventlog import read_all_on
+
+
+class Projection(Protocol):
+    """A named fold from events to view tables."""
+
+    name: str
+    tables: Sequence[str]
+    """View tables this projection owns: emptied on rebuild, hashed by ``digest``."""
+
+    def apply(self, cur: psycopg.Cursor[Any], event: RecordedEvent) -> None:
+        """Fold one event into the views. Must be idempotent; ignore unknown types."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectionStatus:
+    name: str
+    cursor: Cursor
+    lag_events: int
+    updated_at: Any
+
+
+class ProjectionRunner:
+    """Runs projections against the event log; safe to run in several processes at once
+    (an advisory lock per projection makes them take turns)."""
+
+    def __init__(
+        self, db: Database, registry: EventRegistry, projections: Sequence[Projection]
+    ) -> None:
+        self.db = db
+        self.registry = registry
+        self.projections = {p.name: p for p in projections}
+
+    def get(self, name: str) -> Projection:
+        try:
+            return self.projections[name]
+        except KeyError:
+            raise NotFound(
+                f"no projection named {name!r}",
+                hint=f"known projections: {', '.join(sorted(self.projections)) or 'none'}",
+                detail={"projection": name},
+            ) from None
+
+    def run_once(self, name: str, *, batch_size: int = 500) -> int:
+        """Apply at most one batch; return how many events it folded."""
+        projection = self.get(name)
+        with self.db.connection() as conn, conn.transaction():
+            cursor = _lock_checkpoint(conn, name)
+            events = read_all_on(conn, self.registry, cursor, batch_size)
+            if not events:
+                return 0
+            with conn.cursor() as cur:
+                for event in events:
+                    projection.apply(cur, event)
+            _save_checkpoint(conn, name, events[-1].cursor)
+        return len(events)
+
+    def catch_up(self, name: str | None = None, *, batch_size: int = 500) -> dict[str, int]:
+        """Run until every (or the named) projection has folded everything readable."""
+        names = [name] if name else sorted(self.projections)
+        totals = dict.fromkeys(names, 0)
+        for n in names:
+            while folded := self.run_once(n, batch_size=batch_size):
+                totals[n] += folded
+        return totals
+
+    def run_forever(
+        self, *, batch_size: int = 500, idle_s: float = 0.2, stop: Callable[[], bool] = bool
+    ) -> None:
+        """The projector loop of ``ember server controller``."""
+        while not stop():
+            if not sum(self.catch_up(batch_size=batch_size).values()):
+                time.sleep(idle_s)
+
+    def rebuild(self, name: str | None = None, *, batch_size: int = 1000) -> dict[str, int]:
+        """Empty the views and replay from zero, atomically per projection: readers see
+        the old views until the rebuilt ones commit."""
+        names = [name] if name else sorted(self.projections)
+        totals: dict[str, int] = {}
+        for n in names:
+            projection = self.get(n)
+            with self.db.connection() as conn, conn.transaction():
+                _lock_checkpoint(conn, n)
+                if projection.tables:
+                    conn.execute(f"TRUNCATE {', '.join(projection.tables)}")
+                cursor, count = ZERO, 0
+                with conn.cursor() as cur:
+                    while events := read_all_on(conn, self.registry, cursor, batch_size):
+                        for event in events:
+                            projection.apply(cur, event)
+                        cursor = events[-1].cursor
+                        count += len(events)
+                _save_checkpoint(conn, n, cursor)
+            totals[n] = count
+        return totals
+
+    def status(self) -> list[ProjectionStatus]:
+        out = []
+        with self.db.connection() as conn:
+            for name in sorted(self.projections):
+                row = conn.execute(
+                    "SELECT xid::text::bigint, position, updated_at FROM projection_checkpoints "
+                    "WHERE name = %s",
+                    (name,),
+                ).fetchone()
+                cursor = Cursor(int(row[0]), int(row[1])) if row else ZERO
+                lag = conn.execute(
+                    "SELECT count(*) FROM events WHERE (xid, position) > (%s::text::xid8, %s)",
+                    (str(cursor.xid), cursor.position),
+                ).fetchone()
+                out.append(
+                    ProjectionStatus(name, cursor, int(lag[0]) if lag else 0, row and row[2])
+                )
+        return out
+
+    def digest(self, name: str) -> str:
+        """A hash of the projection's views, rows in primary-key order: equal digests mean
+        byte-identical views."""
+        projection = self.get(name)
+        h = hashlib.sha256()
+        with self.db.connection() as conn:
+            for table in projection.tables:
+                h.update(table.encode())
+                for (line,) in conn.execute(f"SELECT t::text FROM {table} t ORDER BY 1"):
+                    h.update(line.encode() + b"\n")
+        return h.hexdigest()
+
+
+def _lock_checkpoint(conn: psycopg.Connection, name: str) -> Cursor:
+    # An advisory lock, not SELECT ... FOR UPDATE: it serialises runners without giving
+    # this transaction an xid, which would hold back every reader's horizon.
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(name),))
+    row = conn.execute(
+        "SELECT xid::text::bigint, position FROM projection_checkpoints WHERE name = %s", (name,)
+    ).fetchone()
+    return Cursor(int(row[0]), int(row[1])) if row else ZERO
+
+
+def _save_checkpoint(conn: psycopg.Connection, name: str, cursor: Cursor) -> None:
+    conn.execute(
+        "INSERT INTO projection_checkpoints (name, xid, position, updated_at) "
+        "VALUES (%s, %s::text::xid8, %s, now()) "
+        "ON CONFLICT (name) DO UPDATE SET xid = EXCLUDED.xid, position = EXCLUDED.position, "
+        "updated_at = EXCLUDED.updated_at",
+        (name, str(cursor.xid), cursor.position),
+    )
+
+
+def _lock_key(name: str) -> int:
+    return 0x454D_0000_0000 | zlib.crc32(name.encode())

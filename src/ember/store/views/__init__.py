@@ -1,0 +1,11 @@
+"""Built-in projections and the view tables they maintain."""
+
+from __future__ import annotations
+
+from ember.store.projections import Projection
+from ember.store.views.streams import StreamsProjection
+
+
+def all_projections() -> list[Projection]:
+    """Every projection the controller runs, in no particular order."""
+    return [StreamsProjection()]

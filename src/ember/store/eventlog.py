@@ -14,6 +14,7 @@ no skipped events, and no wall-clock gap timeout.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
@@ -201,8 +202,7 @@ class EventLog:
                 else:
                     timeout = idle_poll_s
                     held_wait = 0.002
-                for _ in conn.notifies(timeout=timeout, stop_after=1):
-                    pass
+                _wait_for_notify(conn, timeout, stop)
         finally:
             conn.close()
 
@@ -232,6 +232,16 @@ def decode_row(registry: EventRegistry, row: tuple[Any, ...]) -> RecordedEvent:
         metadata=metadata,
         recorded_at=recorded_at,
     )
+
+
+def _wait_for_notify(conn: psycopg.Connection, timeout: float, stop: Any) -> None:
+    """Block until a NOTIFY arrives or ``timeout`` passes, noticing ``stop`` within 0.2 s."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        if any(True for _ in conn.notifies(timeout=min(left, 0.2), stop_after=1)):
+            return
+        if stop is not None and stop.is_set():
+            return
 
 
 def _held_back(conn: psycopg.Connection, after: Cursor) -> bool:

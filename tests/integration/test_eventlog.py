@@ -41,7 +41,9 @@ def test_append_assigns_contiguous_versions_and_reads_back(log: EventLog) -> Non
     assert log.read_stream("counter-a", from_version=3)[0].data["n"] == 3
 
 
-def test_wrong_expected_version_is_a_conflict_and_writes_nothing(log: EventLog, db: Database) -> None:
+def test_wrong_expected_version_is_a_conflict_and_writes_nothing(
+    log: EventLog, db: Database
+) -> None:
     log.append("counter-a", 0, [tick(1)])
     for wrong in (0, 2, 5):
         with pytest.raises(ConcurrencyConflict) as err:
@@ -179,3 +181,18 @@ def test_unreachable_database_is_a_clear_error() -> None:
 def test_bad_page_sizes_are_refused(log: EventLog) -> None:
     with pytest.raises(ValidationFailed):
         log.read_all(Cursor(0, 0), limit=0)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    ["UPDATE events SET data = '{}'", "DELETE FROM events", "TRUNCATE events"],
+    ids=["update", "delete", "truncate"],
+)
+def test_history_cannot_be_rewritten(log: EventLog, db: Database, sql: str) -> None:
+    log.append("counter-a", 0, [tick(1)])
+    with (
+        pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"),
+        db.connection() as conn,
+    ):
+        conn.execute(sql)
+    assert [e.data for e in log.read_all()] == [{"n": 1, "pad": ""}]

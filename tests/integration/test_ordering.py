@@ -31,7 +31,9 @@ class LiveSubscriber:
                 self.received.append(event)
                 self._cond.notify_all()
 
-    def wait_for(self, predicate: Callable[[list[RecordedEvent]], bool], timeout: float = 10) -> None:
+    def wait_for(
+        self, predicate: Callable[[list[RecordedEvent]], bool], timeout: float = 10
+    ) -> None:
         with self._cond:
             assert self._cond.wait_for(lambda: predicate(self.received), timeout), self.received
 

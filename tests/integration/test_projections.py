@@ -78,7 +78,9 @@ def test_rebuild_is_byte_identical_and_redelivery_changes_nothing(
     assert {n: runner.digest(n) for n in incremental} == incremental
 
 
-def test_digest_notices_a_changed_row(log: EventLog, runner: ProjectionRunner, db: Database) -> None:
+def test_digest_notices_a_changed_row(
+    log: EventLog, runner: ProjectionRunner, db: Database
+) -> None:
     fill(log, 10)
     runner.catch_up()
     before = runner.digest("counters")
@@ -113,12 +115,14 @@ def test_kill_9_mid_batch_then_restart_equals_a_fresh_rebuild(
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             done = scalar(
-                db, "SELECT coalesce(max(position), 0) FROM projection_checkpoints "
-                "WHERE name = 'counters'"
+                db,
+                "SELECT coalesce(max(position), 0) FROM projection_checkpoints "
+                "WHERE name = 'counters'",
             )
             in_flight = scalar(
-                db, "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
-                "'ember-projector' AND xact_start IS NOT NULL"
+                db,
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                "'ember-projector' AND xact_start IS NOT NULL",
             )
             if done and in_flight:
                 break
@@ -133,8 +137,12 @@ def test_kill_9_mid_batch_then_restart_equals_a_fresh_rebuild(
 
     # Wait for Postgres to notice the dead client and roll its batch back.
     deadline = time.monotonic() + 30
-    while scalar(db, "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
-                 "'ember-projector'") and time.monotonic() < deadline:
+    while (
+        scalar(
+            db, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'ember-projector'"
+        )
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.05)
     checkpoint = scalar(db, "SELECT position FROM projection_checkpoints WHERE name='counters'")
     ticks = scalar(db, "SELECT count(*) FROM test_ticks")

@@ -19,9 +19,7 @@ def main() -> None:
     parser.add_argument("--once", action="store_true", help="catch up, then exit")
     args = parser.parse_args()
     with Database(args.conninfo + " application_name=ember-projector") as db:
-        runner = ProjectionRunner(
-            db, REGISTRY, [CounterProjection(args.delay), *all_projections()]
-        )
+        runner = ProjectionRunner(db, REGISTRY, [CounterProjection(args.delay), *all_projections()])
         if args.once:
             runner.catch_up(batch_size=args.batch)
         else:

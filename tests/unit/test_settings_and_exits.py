@@ -39,7 +39,9 @@ def test_empty_database_url_means_embedded() -> None:
         (MigrationFailed, Exit.UNEXPECTED),
     ],
 )
-def test_error_kinds_map_to_documented_exit_codes(error: type[errors.EmberError], code: Exit) -> None:
+def test_error_kinds_map_to_documented_exit_codes(
+    error: type[errors.EmberError], code: Exit
+) -> None:
     assert exit_code_for(error("x")) == code
 
 

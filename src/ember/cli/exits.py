@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import enum
 import json
-import sys
 from typing import Any
+
+import click
 
 from ember.core.errors import EmberError, Kind
 
@@ -46,9 +47,9 @@ def report(error: EmberError, *, as_json: bool) -> Exit:
     code = exit_code_for(error)
     if as_json:
         body: dict[str, Any] = {"error": error.to_dict(), "exit_code": int(code)}
-        print(json.dumps(body, sort_keys=True, default=str), file=sys.stderr)
+        click.echo(json.dumps(body, sort_keys=True, default=str), err=True)
     else:
-        print(f"Error: {error.message}", file=sys.stderr)
+        click.echo(f"Error: {error.message}", err=True)
         if error.hint:
-            print(f"Hint: {error.hint}", file=sys.stderr)
+            click.echo(f"Hint: {error.hint}", err=True)
     return code

@@ -46,7 +46,9 @@ def up(ops: OpsContext) -> None:
     else:
         info["postgres"] = "external (EMBER_DATABASE_URL)"
     with _progress(ops, "Migrating the schema…"):
-        info["migrations_applied"] = [f"{m.version:04d}_{m.name}" for m in migrations.migrate(ops.database_url)]
+        info["migrations_applied"] = [
+            f"{m.version:04d}_{m.name}" for m in migrations.migrate(ops.database_url)
+        ]
     started = StackStarted(
         hostname=socket.gethostname(),
         version=__version__,
@@ -93,7 +95,9 @@ def down(ops: OpsContext) -> None:
     if ops.as_json:
         emit_json({"stopped": stopped})
     else:
-        click.echo("Stopped the embedded PostgreSQL cluster." if stopped else "Nothing was running.")
+        click.echo(
+            "Stopped the embedded PostgreSQL cluster." if stopped else "Nothing was running."
+        )
 
 
 @dev.command()
@@ -121,7 +125,9 @@ def status(ops: OpsContext) -> None:
 
 def _record_stop(ops: OpsContext) -> None:
     stopped = StackStopped(hostname=socket.gethostname())
-    ops.event_log().append(STACK_STREAM, ANY, [NewEvent.of(stopped, Metadata(actor="ember dev down"))])
+    ops.event_log().append(
+        STACK_STREAM, ANY, [NewEvent.of(stopped, Metadata(actor="ember dev down"))]
+    )
     ops.projections().catch_up()
 
 

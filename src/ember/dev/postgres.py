@@ -107,8 +107,10 @@ class LocalCluster:
         self._run(
             [
                 str(bindir / "initdb"),
-                "-D", str(self.data_dir),
-                "-U", SUPERUSER,
+                "-D",
+                str(self.data_dir),
+                "-U",
+                SUPERUSER,
                 "--auth=trust",
                 "--encoding=UTF8",
                 "--locale=C.UTF-8",

@@ -45,7 +45,9 @@ def projections_status(ops: OpsContext) -> None:
             [{"name": s.name, "cursor": str(s.cursor), "lag_events": s.lag_events} for s in rows]
         )
     else:
-        emit_table(None, ["PROJECTION", "CURSOR", "LAG"], [(s.name, s.cursor, s.lag_events) for s in rows])
+        emit_table(
+            None, ["PROJECTION", "CURSOR", "LAG"], [(s.name, s.cursor, s.lag_events) for s in rows]
+        )
 
 
 @projections.command("run")
@@ -67,9 +69,7 @@ def projections_rebuild(ops: OpsContext, name: str | None) -> None:
     runner = ops.projections()
     totals = runner.rebuild(name)
     if ops.as_json:
-        emit_json(
-            {n: {"events": c, "digest": runner.digest(n)} for n, c in totals.items()}
-        )
+        emit_json({n: {"events": c, "digest": runner.digest(n)} for n, c in totals.items()})
     else:
         for n, c in totals.items():
             click.echo(f"Rebuilt {n} from {c} events (digest {runner.digest(n)[:16]})")
@@ -81,7 +81,9 @@ def events() -> None:
 
 
 @events.command("list")
-@click.option("--after", "after", default=str(ZERO), show_default=True, help="Cursor to read after.")
+@click.option(
+    "--after", "after", default=str(ZERO), show_default=True, help="Cursor to read after."
+)
 @click.option("--stream", "stream_id", default=None, help="Only this stream, in version order.")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
 @json_option
@@ -90,7 +92,9 @@ def events_list(ops: OpsContext, after: str, stream_id: str | None, limit: int) 
     """Events in commit-safe order (or one stream's events)."""
     log = ops.event_log()
     cursor = Cursor.parse(after)
-    page = log.read_stream(stream_id, limit=limit) if stream_id else log.read_all(cursor, limit=limit)
+    page = (
+        log.read_stream(stream_id, limit=limit) if stream_id else log.read_all(cursor, limit=limit)
+    )
     if ops.as_json:
         for event in page:
             click.echo(dumps(event))
@@ -99,7 +103,13 @@ def events_list(ops: OpsContext, after: str, stream_id: str | None, limit: int) 
         None,
         ["CURSOR", "STREAM", "VER", "TYPE", "RECORDED"],
         [
-            (e.cursor, e.stream_id, e.stream_version, e.type, e.recorded_at.isoformat(timespec="seconds"))
+            (
+                e.cursor,
+                e.stream_id,
+                e.stream_version,
+                e.type,
+                e.recorded_at.isoformat(timespec="seconds"),
+            )
             for e in page
         ],
     )
@@ -135,14 +145,22 @@ def events_streams(ops: OpsContext, kind: str | None) -> None:
     if ops.as_json:
         emit_json(
             [
-                {"stream_id": r[0], "kind": r[1], "version": r[2], "last_type": r[3],
-                 "last_recorded_at": r[4].isoformat()}
+                {
+                    "stream_id": r[0],
+                    "kind": r[1],
+                    "version": r[2],
+                    "last_type": r[3],
+                    "last_recorded_at": r[4].isoformat(),
+                }
                 for r in rows
             ]
         )
     else:
-        emit_table(None, ["STREAM", "KIND", "VERSION", "LAST EVENT", "AT"],
-                   [(r[0], r[1], r[2], r[3], r[4].isoformat(timespec="seconds")) for r in rows])
+        emit_table(
+            None,
+            ["STREAM", "KIND", "VERSION", "LAST EVENT", "AT"],
+            [(r[0], r[1], r[2], r[3], r[4].isoformat(timespec="seconds")) for r in rows],
+        )
 
 
 def _print_totals(ops: OpsContext, totals: dict[str, int], verb: str) -> None:

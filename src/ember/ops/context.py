@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+from collections.abc import Callable
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import click
 
@@ -59,9 +62,12 @@ def make_context(as_json: bool) -> OpsContext:
 
 
 JSON_META = "ember.json"
+P = ParamSpec("P")
+R = TypeVar("R")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def json_option(fn):  # type: ignore[no-untyped-def]
+def json_option(fn: F) -> F:
     """``--json``: machine-readable output with stable field names (docs/specs/cli.md)."""
 
     def remember(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -69,28 +75,28 @@ def json_option(fn):  # type: ignore[no-untyped-def]
             ctx.find_root().meta[JSON_META] = True
 
     return click.option(
-        "--json", "as_json", is_flag=True, expose_value=False, callback=remember,
-        is_eager=True, help="Print machine-readable JSON.",
+        "--json",
+        "as_json",
+        is_flag=True,
+        expose_value=False,
+        callback=remember,
+        is_eager=True,
+        help="Print machine-readable JSON.",
     )(fn)
 
 
-def pass_ops(fn):  # type: ignore[no-untyped-def]
+def pass_ops(fn: Callable[Concatenate[OpsContext, P], R]) -> Callable[P, R]:
     """Give a command the OpsContext of its invocation (closed when the command ends)."""
 
-    @click.pass_context
-    def wrapper(ctx: click.Context, *args, **kwargs):  # type: ignore[no-untyped-def]
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        ctx = click.get_current_context()
         root = ctx.find_root()
         ops = root.meta.get("ember.ops")
         if ops is None:
             ops = make_context(bool(root.meta.get(JSON_META)))
             root.meta["ember.ops"] = ops
-            ctx.call_on_close(ops.close)
-        return ctx.invoke(fn, ops, *args, **kwargs)
+            root.call_on_close(ops.close)
+        return fn(ops, *args, **kwargs)
 
-    return _update_wrapper(wrapper, fn)
-
-
-def _update_wrapper(wrapper, fn):  # type: ignore[no-untyped-def]
-    import functools
-
-    return functools.update_wrapper(wrapper, fn)
+    return wrapper

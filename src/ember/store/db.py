@@ -24,7 +24,9 @@ UNREACHABLE_HINT = (
 def connect(conninfo: str, *, autocommit: bool = False, timeout: float = 5.0) -> psycopg.Connection:
     """One connection, with driver errors translated."""
     try:
-        return psycopg.connect(conninfo, autocommit=autocommit, connect_timeout=max(1, int(timeout)))
+        return psycopg.connect(
+            conninfo, autocommit=autocommit, connect_timeout=max(1, int(timeout))
+        )
     except psycopg.OperationalError as exc:
         raise DatabaseUnavailable(
             f"cannot connect to the database: {_first_line(exc)}", hint=UNREACHABLE_HINT

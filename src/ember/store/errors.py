@@ -1,10 +1,10 @@
 """Errors of the store, translated from psycopg at this boundary::
 
-    EmberError (ember.core.errors)
-    ├── Unavailable
-    │   └── DatabaseUnavailable   store.unavailable       cannot connect / connection lost
-    └── StoreError                store.error
-        └── MigrationFailed       store.migration_failed  a migration is broken or was edited
+EmberError (ember.core.errors)
+├── Unavailable
+│   └── DatabaseUnavailable   store.unavailable       cannot connect / connection lost
+└── StoreError                store.error
+    └── MigrationFailed       store.migration_failed  a migration is broken or was edited
 """
 
 from __future__ import annotations

@@ -123,11 +123,11 @@ class EventLog:
                 return _append_once(conn, stream_id, expected_version, params)
             return _append_idempotent(
                 conn,
-                stream_id,
-                expected_version,
-                params,
-                idempotency_key,
-                request_hash(stream_id, expected_version, checked),
+                stream_id=stream_id,
+                expected=expected_version,
+                params=params,
+                key=idempotency_key,
+                fingerprint=request_hash(stream_id, expected_version, checked),
             )
 
     # -- reading -------------------------------------------------------------------------
@@ -287,7 +287,7 @@ def _run_append(
         ) from exc
     assert row is not None
     head, first_v, last_v, first_p, last_p, xid, _ = row
-    if first_v is None and (expected == ANY or head == expected):
+    if first_v is None and expected in {ANY, head}:
         # Only the xid guard can refuse an append whose head matched.
         raise ConcurrencyConflict(
             f"stream {stream_id} cannot be appended to from a transaction older than its "
@@ -321,6 +321,7 @@ def _append_once(
 
 def _append_idempotent(
     conn: psycopg.Connection,
+    *,
     stream_id: str,
     expected: ExpectedVersion,
     params: dict[str, Any],

@@ -25,9 +25,13 @@ from ember.store.eventlog import read_all_on
 class Projection(Protocol):
     """A named fold from events to view tables."""
 
-    name: str
-    tables: Sequence[str]
-    """View tables this projection owns: emptied on rebuild, hashed by ``digest``."""
+    @property
+    def name(self) -> str:
+        """Unique and stable: it keys the checkpoint."""
+
+    @property
+    def tables(self) -> Sequence[str]:
+        """View tables this projection owns: emptied on rebuild, hashed by ``digest``."""
 
     def apply(self, cur: psycopg.Cursor[Any], event: RecordedEvent) -> None:
         """Fold one event into the views. Must be idempotent; ignore unknown types."""

@@ -43,3 +43,15 @@ CREATE TABLE view_streams (
     first_recorded_at timestamptz NOT NULL,
     last_recorded_at  timestamptz NOT NULL
 );
+
+-- History is never rewritten: refuse UPDATE, DELETE and TRUNCATE on the log itself.
+CREATE FUNCTION events_are_immutable() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'the event log is append-only (% refused)', TG_OP
+        USING ERRCODE = 'insufficient_privilege';
+END $$;
+
+CREATE TRIGGER events_no_update_delete BEFORE UPDATE OR DELETE ON events
+    FOR EACH ROW EXECUTE FUNCTION events_are_immutable();
+CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON events
+    FOR EACH STATEMENT EXECUTE FUNCTION events_are_immutable();

@@ -1,0 +1,1 @@
+"""Host agent: converges desired allocations into running microVMs (issue: host agent)."""

@@ -1,0 +1,1 @@
+"""Benchmarks: `make bench-NAME` runs `python -m ember.bench.NAME`."""

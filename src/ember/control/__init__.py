@@ -1,0 +1,1 @@
+"""Controller workers: projector runner, scheduler loop, reconcilers, change stream."""

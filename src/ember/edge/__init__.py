@@ -1,0 +1,1 @@
+"""Edge controller: renders routes into HAProxy and keeps it in sync."""

@@ -1,0 +1,1 @@
+"""API request/response models shared by the API and its client."""

@@ -1,0 +1,161 @@
+"""The real `ember` executable against the real embedded stack: exit codes and --json."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+EMBER = str(Path(sys.executable).parent / "ember")
+
+
+def ember(
+    home: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("EMBER_")}
+    proc = subprocess.run(
+        [EMBER, *args],
+        env={**base, "EMBER_HOME": str(home), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def home() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="ember-home-"))
+    yield path
+    ember(path, "dev", "down")
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_dev_up_creates_the_stack_once_and_is_idempotent(home: Path) -> None:
+    first = ember(home, "dev", "up", "--json")
+    assert first.returncode == 0, first.stderr
+    info = json.loads(first.stdout)
+    assert info["postgres_created"] is True and info["postgres_started"] is True
+    assert info["migrations_applied"] == ["0001_event_log"]
+    assert (home / "postgres" / "data" / "PG_VERSION").exists()
+
+    again = json.loads(ember(home, "dev", "up", "--json").stdout)
+    assert again["postgres_created"] is False and again["postgres_started"] is False
+    assert again["migrations_applied"] == []
+
+    events = [
+        json.loads(line)
+        for line in ember(home, "admin", "events", "list", "--json").stdout.splitlines()
+    ]
+    assert [(e["stream_id"], e["stream_version"], e["type"]) for e in events] == [
+        ("stack-local", 1, "stack.started"),
+        ("stack-local", 2, "stack.started"),
+    ]
+    assert events[0]["metadata"] == {"actor": "ember dev up"}
+
+
+def test_projections_status_and_rebuild(home: Path) -> None:
+    status = json.loads(ember(home, "admin", "projections", "status", "--json").stdout)
+    assert status == [{"name": "streams", "cursor": status[0]["cursor"], "lag_events": 0}]
+    first = json.loads(ember(home, "admin", "projections", "rebuild", "--json").stdout)
+    second = json.loads(ember(home, "admin", "projections", "rebuild", "streams", "--json").stdout)
+    assert first == second and first["streams"]["events"] >= 2
+    streams = json.loads(ember(home, "admin", "events", "streams", "--json").stdout)
+    assert [(s["stream_id"], s["kind"], s["last_type"]) for s in streams] == [
+        ("stack-local", "stack", "stack.started")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (["admin", "events", "list", "--after", "bogus"], 2, "cursor"),
+        (["admin", "events", "list", "--limit", "0"], 2, "--limit"),
+        (["admin", "events", "list", "--stream", "Not Valid"], 2, "stream id"),
+        (["admin", "projections", "rebuild", "nope"], 3, "no projection named 'nope'"),
+        (["admin", "no-such-command"], 2, "No such command"),
+    ],
+)
+def test_bad_input_exits_with_the_documented_code(
+    home: Path, args: list[str], code: int, needle: str
+) -> None:
+    before = ember(home, "admin", "events", "list", "--json").stdout
+    proc = ember(home, *args)
+    assert proc.returncode == code, proc.stderr
+    assert needle in proc.stderr
+    assert ember(home, "admin", "events", "list", "--json").stdout == before, "changed nothing"
+
+
+def test_json_errors_carry_the_envelope(home: Path) -> None:
+    proc = ember(home, "admin", "events", "list", "--after", "x", "--json")
+    assert proc.returncode == 2
+    body = json.loads(proc.stderr)
+    assert body["error"]["code"] == "validation.failed"
+    assert body["error"]["detail"] == {"field": "cursor"}
+    assert body["exit_code"] == 2
+
+
+def test_tail_follows_new_events(home: Path) -> None:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("EMBER_")}
+    tail = subprocess.Popen(
+        [EMBER, "admin", "events", "tail"],
+        env={**base, "EMBER_HOME": str(home)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # 'dev up' appends a stack.started event; tail (started at the head) must print it.
+        import time
+
+        time.sleep(1.0)
+        assert ember(home, "dev", "up").returncode == 0
+        line = tail.stdout.readline()  # type: ignore[union-attr]
+        assert json.loads(line)["type"] == "stack.started"
+    finally:
+        tail.kill()
+        tail.wait()
+
+
+def test_unreachable_database_exits_7_with_a_hint(home: Path) -> None:
+    proc = ember(
+        home, "admin", "migrate", env={"EMBER_DATABASE_URL": "host=/nonexistent port=9 dbname=x"}
+    )
+    assert proc.returncode == 7
+    assert "Hint:" in proc.stderr and "EMBER_DATABASE_URL" in proc.stderr
+
+
+def test_dev_down_stops_and_then_commands_say_what_to_do(home: Path) -> None:
+    down = ember(home, "dev", "down", "--json")
+    assert down.returncode == 0 and json.loads(down.stdout) == {"stopped": True}
+    assert json.loads(ember(home, "dev", "down", "--json").stdout) == {"stopped": False}
+    proc = ember(home, "admin", "events", "list")
+    assert proc.returncode == 7
+    assert "ember dev up" in proc.stderr
+    status = json.loads(ember(home, "dev", "status", "--json").stdout)
+    assert status["postgres_running"] is False
+    # Data survives a restart.
+    assert ember(home, "dev", "up").returncode == 0
+    events = ember(home, "admin", "events", "list", "--json").stdout.splitlines()
+    assert [json.loads(e)["type"] for e in events][-2:] == ["stack.stopped", "stack.started"]
+
+
+def test_dev_up_uses_an_external_database_when_told(database_url: str, tmp_path: Path) -> None:
+    proc = ember(tmp_path, "dev", "up", "--json", env={"EMBER_DATABASE_URL": database_url})
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["postgres"].startswith("external")
+    assert not (tmp_path / "postgres").exists(), "no embedded cluster when a URL is given"
+    listed = ember(
+        tmp_path, "admin", "events", "list", "--json", env={"EMBER_DATABASE_URL": database_url}
+    )
+    assert json.loads(listed.stdout.splitlines()[0])["data"]["database"] == "external"

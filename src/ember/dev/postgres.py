@@ -60,6 +60,8 @@ class LocalCluster:
     port: int = 5432
     durable: bool = True
     """False for throwaway test clusters: no fsync, no full-page writes."""
+    settings: tuple[str, ...] = ()
+    """Extra ``postgresql.conf`` lines, e.g. ``"track_commit_timestamp = on"``."""
 
     @property
     def data_dir(self) -> Path:
@@ -129,6 +131,7 @@ class LocalCluster:
         ]
         if not self.durable:
             conf += ["fsync = off", "full_page_writes = off", "synchronous_commit = off"]
+        conf += self.settings
         with (self.data_dir / "postgresql.conf").open("a") as fh:
             fh.write("\n# Ember embedded cluster\n" + "\n".join(conf) + "\n")
         return True

@@ -48,7 +48,7 @@ _COLUMNS = (
 
 # One statement: head of the stream, the insert (only when the head is as expected), the
 # wake-up. Returns the head seen and what was written (NULLs when nothing was).
-_APPEND_SQL = f"""
+_APPEND_TEMPLATE = """
 WITH last AS (
     SELECT stream_version AS v, xid FROM events WHERE stream_id = %(stream)s
     ORDER BY stream_version DESC LIMIT 1
@@ -57,8 +57,7 @@ WITH last AS (
 ), ins AS (
     INSERT INTO events (stream_id, stream_version, type, schema_version, data, metadata)
     SELECT %(stream)s, head.v + e.ord, e.type, e.sv, e.data, e.meta
-    FROM head, unnest(%(types)s::text[], %(svs)s::int[], %(datas)s::jsonb[], %(metas)s::jsonb[])
-         WITH ORDINALITY AS e(type, sv, data, meta, ord)
+    FROM head, {rows} AS e(type, sv, data, meta, ord)
     WHERE (%(expected)s::bigint IS NULL OR head.v = %(expected)s::bigint)
       -- Readers order by (xid, position): a stream's next event must come from a younger
       -- transaction than its previous one, or they would read the stream out of order.
@@ -68,15 +67,26 @@ WITH last AS (
 )
 SELECT head.v, min(ins.stream_version), max(ins.stream_version),
        min(ins.position), max(ins.position), min(ins.xid::text::bigint),
-       CASE WHEN count(ins.position) > 0 THEN pg_notify('{CHANNEL}', %(stream)s) END
+       CASE WHEN count(ins.position) > 0 THEN pg_notify('{channel}', %(stream)s) END
 FROM head LEFT JOIN ins ON true GROUP BY head.v
 """
+# Arrays cost the client real CPU to build and escape, so one event (the common case)
+# goes as plain parameters; a batch goes as parallel arrays.
+_APPEND_ONE_SQL = _APPEND_TEMPLATE.format(
+    channel=CHANNEL,
+    rows="(VALUES (%(types)s::text, %(svs)s::int, %(datas)s::jsonb, %(metas)s::jsonb, 1))",
+)
+_APPEND_MANY_SQL = _APPEND_TEMPLATE.format(
+    channel=CHANNEL,
+    rows="unnest(%(types)s::text[], %(svs)s::int[], %(datas)s::jsonb[], %(metas)s::jsonb[]) "
+    "WITH ORDINALITY",
+)
 
 _READ_ALL_SQL = f"""
 SELECT {_COLUMNS} FROM events
 WHERE (xid, position) > (%s::text::xid8, %s)
   AND xid < pg_snapshot_xmin(pg_current_snapshot())
-ORDER BY xid, position
+ORDER BY events.xid, events.position  -- qualified: the output column "xid" is a bigint cast
 LIMIT %s
 """
 
@@ -165,7 +175,7 @@ class EventLog:
             row = conn.execute(
                 "SELECT xid::text::bigint, position FROM events "
                 "WHERE xid < pg_snapshot_xmin(pg_current_snapshot()) "
-                "ORDER BY xid DESC, position DESC LIMIT 1"
+                "ORDER BY events.xid DESC, events.position DESC LIMIT 1"
             ).fetchone()
         return Cursor(int(row[0]), int(row[1])) if row else ZERO
 
@@ -263,7 +273,7 @@ def _page(limit: int) -> int:
 def _append_params(
     stream_id: str, expected: ExpectedVersion, events: Sequence[NewEvent]
 ) -> dict[str, Any]:
-    return {
+    params: dict[str, Any] = {
         "stream": stream_id,
         "expected": None if expected == ANY else expected,
         "types": [e.type for e in events],
@@ -271,13 +281,17 @@ def _append_params(
         "datas": [Jsonb(dict(e.data)) for e in events],
         "metas": [Jsonb(dict(e.metadata)) for e in events],
     }
+    if len(events) == 1:
+        params.update({k: params[k][0] for k in ("types", "svs", "datas", "metas")})
+    return params
 
 
 def _run_append(
     conn: psycopg.Connection, stream_id: str, expected: ExpectedVersion, params: dict[str, Any]
 ) -> AppendResult:
     try:
-        row = conn.execute(_APPEND_SQL, params).fetchone()
+        sql = _APPEND_MANY_SQL if isinstance(params["types"], list) else _APPEND_ONE_SQL
+        row = conn.execute(sql, params).fetchone()
     except psycopg.errors.UniqueViolation as exc:
         # Another writer took the version between our read of the head and our insert.
         raise ConcurrencyConflict(
@@ -331,7 +345,7 @@ def _append_idempotent(
     with conn.transaction():
         # Serialise on the key with an advisory lock, not a row: a row lock or insert would
         # give this transaction an xid before the append reads the stream head (see the
-        # xid guard in _APPEND_SQL). A concurrent retry waits here for our outcome.
+        # xid guard in _APPEND_TEMPLATE). A concurrent retry waits here for our outcome.
         conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
         row = conn.execute(
             "SELECT request_hash, result FROM idempotency_keys WHERE key = %s", (key,)
@@ -344,7 +358,11 @@ def _append_idempotent(
                     detail={"idempotency_key": key},
                 )
             return AppendResult.from_dict(row[1])
-        params = dict(params, metas=[_with_key(m, key) for m in params["metas"]])
+        metas = params["metas"]
+        keyed = (
+            [_with_key(m, key) for m in metas] if isinstance(metas, list) else _with_key(metas, key)
+        )
+        params = dict(params, metas=keyed)
         result = _run_append(conn, stream_id, expected, params)
         conn.execute(
             "INSERT INTO idempotency_keys (key, request_hash, result) VALUES (%s, %s, %s)",

@@ -21,9 +21,9 @@ CREATE TABLE public.events (
     CONSTRAINT events_data_check CHECK ((jsonb_typeof(data) = 'object'::text)),
     CONSTRAINT events_metadata_check CHECK ((jsonb_typeof(metadata) = 'object'::text)),
     CONSTRAINT events_schema_version_check CHECK ((schema_version >= 1)),
-    CONSTRAINT events_stream_id_check CHECK ((stream_id ~ '^[a-z0-9][a-z0-9._:-]{0,199}$'::text)),
+    CONSTRAINT events_stream_id_check CHECK (((length(stream_id) >= 1) AND (length(stream_id) <= 200))),
     CONSTRAINT events_stream_version_check CHECK ((stream_version >= 1)),
-    CONSTRAINT events_type_check CHECK ((type ~ '^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$'::text))
+    CONSTRAINT events_type_check CHECK (((length(type) >= 3) AND (length(type) <= 200)))
 );
 
 CREATE SEQUENCE public.events_position_seq

@@ -228,7 +228,8 @@ class EventRegistry:
             )
         try:
             payload = model.model_validate(event.data)
-            meta = Metadata.model_validate(event.metadata)
+            # Most events carry no metadata; skip the model for them (hot path).
+            meta = Metadata.model_validate(event.metadata) if event.metadata else None
         except pydantic.ValidationError as exc:
             raise InvalidEvent(
                 f"{event.type}: invalid event: {_summarise(exc)}",
@@ -238,7 +239,7 @@ class EventRegistry:
             type=event.type,
             data=payload.model_dump(mode="json"),
             schema_version=model.schema_version,
-            metadata=meta.model_dump(mode="json", exclude_none=True),
+            metadata=meta.model_dump(mode="json", exclude_none=True) if meta else {},
         )
 
     def upcast(

@@ -159,3 +159,50 @@ def test_dev_up_uses_an_external_database_when_told(database_url: str, tmp_path:
         tmp_path, "admin", "events", "list", "--json", env={"EMBER_DATABASE_URL": database_url}
     )
     assert json.loads(listed.stdout.splitlines()[0])["data"]["database"] == "external"
+
+
+def test_server_controller_folds_new_events_and_stops_on_sigterm(
+    database_url: str, tmp_path: Path
+) -> None:
+    import signal
+    import time
+
+    import psycopg
+
+    from ember.core.catalog import REGISTRY as PLATFORM
+    from ember.core.catalog import StackStarted, StackStopped
+    from ember.core.events import NewEvent
+    from ember.store.db import Database
+    from ember.store.eventlog import EventLog
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("EMBER_")}
+    env = {**base, "EMBER_HOME": str(tmp_path), "EMBER_DATABASE_URL": database_url}
+    controller = subprocess.Popen(
+        [EMBER, "server", "controller"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        # Append directly (not through 'ember dev', which folds projections itself), so
+        # only the controller can bring the view up to date.
+        with Database(database_url) as db:
+            log = EventLog(db, PLATFORM)
+            log.append(
+                "stack-x",
+                0,
+                [NewEvent.of(StackStarted(hostname="h", version="v", database="external"))],
+            )
+            log.append("stack-x", 1, [NewEvent.of(StackStopped(hostname="h"))])
+        deadline = time.monotonic() + 20
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            while time.monotonic() < deadline:
+                row = conn.execute("SELECT version, last_type FROM view_streams").fetchone()
+                if row == (2, "stack.stopped"):
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail(f"the controller never folded stack.stopped: {row}")
+        controller.send_signal(signal.SIGTERM)
+        assert controller.wait(timeout=15) == 0
+    finally:
+        if controller.poll() is None:
+            controller.kill()
+    assert "Traceback" not in (controller.stderr.read() if controller.stderr else "")

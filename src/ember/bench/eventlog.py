@@ -242,10 +242,12 @@ def run(quick: bool) -> dict[str, Any]:
         },
     }
     result["goals"] = {
-        "append_ratio>=0.5": result["append_ratio"] >= 0.5,
-        "catchup>=10x_append": result["catchup_ratio_vs_append"] >= 10,
-        "notify_p99<=20ms": result["notify_to_subscriber_p99_ms"] <= 20,
-        "skipped_events==0": result["skipped_events"] == 0,
+        "append_ratio>=0.5": append_rate / raw_rate >= 0.5,
+        "catchup>=10x_append": median(catchups) >= 10 * append_rate,
+        "notify_p99<=20ms": notify["p99_ms"] <= 20,
+        # Stricter than asked: measured from the commit record, before the WAL flush.
+        "commit_to_subscriber_p99<=20ms": notify["commit_p99_ms"] <= 20,
+        "skipped_events==0": notify["skipped"] == 0,
     }
     return result
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ember.cli.output import emit_fields, emit_json, emit_table
+from ember.core.errors import EmberError
 from ember.core.events import ZERO, Cursor
 from ember.ops.context import OpsContext, json_option, pass_ops
 from ember.store import migrations
@@ -73,6 +74,35 @@ def projections_rebuild(ops: OpsContext, name: str | None) -> None:
     else:
         for n, c in totals.items():
             click.echo(f"Rebuilt {n} from {c} events (digest {runner.digest(n)[:16]})")
+
+
+@projections.command("verify")
+@click.argument("name", required=False)
+@json_option
+@pass_ops
+def projections_verify(ops: OpsContext, name: str | None) -> None:
+    """Check that the live views equal a rebuild from zero (changes nothing).
+
+    Exits 1 when a view has drifted: rebuild it with 'ember admin projections rebuild'.
+    """
+    results = ops.projections().verify(name)
+    drifted = sorted(n for n, (live, rebuilt) in results.items() if live != rebuilt)
+    if ops.as_json:
+        emit_json({n: {"live": a, "rebuilt": b, "ok": a == b} for n, (a, b) in results.items()})
+    else:
+        for n, (live, rebuilt) in results.items():
+            verdict = "ok" if live == rebuilt else "DRIFTED"
+            click.echo(f"{n}: {verdict} (live {live[:16]}, rebuilt {rebuilt[:16]})")
+    if drifted:
+        raise ViewsDrifted(
+            f"views differ from a rebuild: {', '.join(drifted)}",
+            hint="run 'ember admin projections rebuild' and report the bug",
+            detail={"projections": drifted},
+        )
+
+
+class ViewsDrifted(EmberError):
+    code = "projection.drifted"
 
 
 @admin.group()

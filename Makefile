@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 BENCHES := eventlog
 QUICK ?=
 
-.PHONY: bootstrap lint fmt typecheck test test-fast demo bench $(addprefix bench-,$(BENCHES)) schema clean
+.PHONY: bootstrap lint fmt typecheck test test-fast demo bench $(addprefix bench-,$(BENCHES)) schema openapi clean
 
 bootstrap:  ## install missing Debian packages and the project into .venv (idempotent)
 	@bash scripts/bootstrap.sh
@@ -34,6 +34,9 @@ bench: $(addprefix bench-,$(BENCHES))
 
 bench-%: bootstrap
 	$(PY) -m ember.bench.$* $(if $(QUICK),--quick,) --out bench/results/$*.json
+
+openapi: bootstrap  ## regenerate docs/specs/openapi.json from the API
+	$(PY) -m ember.api.openapi docs/specs/openapi.json
 
 schema: bootstrap  ## regenerate docs/specs/db-schema.sql from the migrations
 	$(PY) -m tests.support.schema_snapshot --write docs/specs/db-schema.sql

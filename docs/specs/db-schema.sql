@@ -8,6 +8,16 @@ BEGIN
         USING ERRCODE = 'insufficient_privilege';
 END $$;
 
+CREATE TABLE public.api_idempotency (
+    token_id text NOT NULL,
+    key text NOT NULL,
+    request_hash text NOT NULL,
+    status integer NOT NULL,
+    body jsonb NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT api_idempotency_key_check CHECK (((length(key) >= 1) AND (length(key) <= 200)))
+);
+
 CREATE TABLE public.events (
     "position" bigint NOT NULL,
     xid xid8 DEFAULT pg_current_xact_id() NOT NULL,
@@ -57,6 +67,32 @@ CREATE TABLE public.schema_migrations (
     applied_at timestamp with time zone DEFAULT now() NOT NULL
 );
 
+CREATE TABLE public.view_apps (
+    app_id text NOT NULL,
+    org_id text NOT NULL,
+    name text NOT NULL,
+    created_at timestamp with time zone NOT NULL
+);
+
+CREATE TABLE public.view_envs (
+    app_id text NOT NULL,
+    name text NOT NULL,
+    created_at timestamp with time zone NOT NULL
+);
+
+CREATE TABLE public.view_members (
+    org_id text NOT NULL,
+    user_id text NOT NULL,
+    role text NOT NULL,
+    added_at timestamp with time zone NOT NULL
+);
+
+CREATE TABLE public.view_orgs (
+    org_id text NOT NULL,
+    name text NOT NULL,
+    created_at timestamp with time zone NOT NULL
+);
+
 CREATE TABLE public.view_streams (
     stream_id text NOT NULL,
     kind text NOT NULL,
@@ -67,7 +103,38 @@ CREATE TABLE public.view_streams (
     last_recorded_at timestamp with time zone NOT NULL
 );
 
+CREATE TABLE public.view_tenancy_streams (
+    stream_id text NOT NULL,
+    version bigint NOT NULL
+);
+
+CREATE TABLE public.view_tokens (
+    token_id text NOT NULL,
+    token_hash text NOT NULL,
+    user_id text NOT NULL,
+    kind text NOT NULL,
+    name text NOT NULL,
+    hint text NOT NULL,
+    org_id text,
+    app_id text,
+    env text,
+    capabilities text[] NOT NULL,
+    created_at timestamp with time zone NOT NULL,
+    expires_at timestamp with time zone,
+    revoked_at timestamp with time zone
+);
+
+CREATE TABLE public.view_users (
+    user_id text NOT NULL,
+    email text NOT NULL,
+    name text NOT NULL,
+    created_at timestamp with time zone NOT NULL
+);
+
 ALTER TABLE ONLY public.events ALTER COLUMN "position" SET DEFAULT nextval('public.events_position_seq'::regclass);
+
+ALTER TABLE ONLY public.api_idempotency
+    ADD CONSTRAINT api_idempotency_pkey PRIMARY KEY (token_id, key);
 
 ALTER TABLE ONLY public.events
     ADD CONSTRAINT events_pkey PRIMARY KEY ("position");
@@ -84,10 +151,47 @@ ALTER TABLE ONLY public.projection_checkpoints
 ALTER TABLE ONLY public.schema_migrations
     ADD CONSTRAINT schema_migrations_pkey PRIMARY KEY (version);
 
+ALTER TABLE ONLY public.view_apps
+    ADD CONSTRAINT view_apps_org_id_name_key UNIQUE (org_id, name);
+
+ALTER TABLE ONLY public.view_apps
+    ADD CONSTRAINT view_apps_pkey PRIMARY KEY (app_id);
+
+ALTER TABLE ONLY public.view_envs
+    ADD CONSTRAINT view_envs_pkey PRIMARY KEY (app_id, name);
+
+ALTER TABLE ONLY public.view_members
+    ADD CONSTRAINT view_members_pkey PRIMARY KEY (org_id, user_id);
+
+ALTER TABLE ONLY public.view_orgs
+    ADD CONSTRAINT view_orgs_name_key UNIQUE (name);
+
+ALTER TABLE ONLY public.view_orgs
+    ADD CONSTRAINT view_orgs_pkey PRIMARY KEY (org_id);
+
 ALTER TABLE ONLY public.view_streams
     ADD CONSTRAINT view_streams_pkey PRIMARY KEY (stream_id);
 
+ALTER TABLE ONLY public.view_tenancy_streams
+    ADD CONSTRAINT view_tenancy_streams_pkey PRIMARY KEY (stream_id);
+
+ALTER TABLE ONLY public.view_tokens
+    ADD CONSTRAINT view_tokens_pkey PRIMARY KEY (token_id);
+
+ALTER TABLE ONLY public.view_tokens
+    ADD CONSTRAINT view_tokens_token_hash_key UNIQUE (token_hash);
+
+ALTER TABLE ONLY public.view_users
+    ADD CONSTRAINT view_users_email_key UNIQUE (email);
+
+ALTER TABLE ONLY public.view_users
+    ADD CONSTRAINT view_users_pkey PRIMARY KEY (user_id);
+
 CREATE INDEX events_xid_position_idx ON public.events USING btree (xid, "position");
+
+CREATE INDEX view_members_user_idx ON public.view_members USING btree (user_id);
+
+CREATE INDEX view_tokens_user_idx ON public.view_tokens USING btree (user_id);
 
 CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON public.events FOR EACH STATEMENT EXECUTE FUNCTION public.events_are_immutable();
 

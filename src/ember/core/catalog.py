@@ -6,9 +6,11 @@ validates appends and upcasts reads against this one registry.
 
 from __future__ import annotations
 
+from ember.core import tenancy
 from ember.core.events import EventData, EventRegistry
 
 REGISTRY = EventRegistry()
+REGISTRY.include(tenancy.REGISTRY)
 
 
 @REGISTRY.register

@@ -17,6 +17,28 @@ def server() -> None:
 
 
 @server.command()
+@click.option("--host", default="127.0.0.1", show_default=True, envvar="EMBER_API_HOST")
+@click.option("--port", type=click.IntRange(1, 65535), default=7070, show_default=True,
+              envvar="EMBER_API_PORT")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True)
+@pass_ops
+def api(ops: OpsContext, host: str, port: int, workers: int) -> None:
+    """The control-plane HTTP API (uvicorn). Applies migrations first."""
+    import logging
+
+    import uvicorn
+
+    from ember.api.app import ApiSettings, create_app
+
+    url = ops.database_url
+    migrations.migrate(url)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    app = create_app(ApiSettings(database_url=url))
+    uvicorn.run(app, host=host, port=port, workers=workers, access_log=False,
+                log_level="warning")
+
+
+@server.command()
 @click.option("--batch-size", type=click.IntRange(1, 10_000), default=500, show_default=True)
 @pass_ops
 def controller(ops: OpsContext, batch_size: int) -> None:

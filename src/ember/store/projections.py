@@ -146,6 +146,16 @@ class ProjectionRunner:
         _save_checkpoint(conn, name, cursor)
         return count
 
+    def cursor(self, name: str) -> Cursor:
+        """How far ``name`` has folded the log."""
+        self.get(name)
+        with self.db.connection() as conn:
+            row = conn.execute(
+                "SELECT xid::text::bigint, position FROM projection_checkpoints WHERE name = %s",
+                (name,),
+            ).fetchone()
+        return Cursor(int(row[0]), int(row[1])) if row else ZERO
+
     def status(self) -> list[ProjectionStatus]:
         out = []
         with self.db.connection() as conn:

@@ -1,0 +1,86 @@
+"""The control-plane HTTP API (FastAPI). ``create_app`` is the only constructor."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ember import __version__
+from ember.api import errors
+from ember.api.middleware import EdgeMiddleware, Metrics
+from ember.api.routes import apps, orgs, tokens
+from ember.api.service import Tenancy
+from ember.core.catalog import REGISTRY
+from ember.store.db import Database
+from ember.store.eventlog import EventLog
+from ember.store.projections import ProjectionRunner
+from ember.store.views import all_projections
+from ember.wire import models as w
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiSettings:
+    database_url: str
+    max_body_bytes: int = 1024 * 1024
+    pool_size: int = 10
+
+
+def create_app(settings: ApiSettings | None) -> FastAPI:
+    """Build the app. ``settings=None`` builds it without a database (OpenAPI export)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings is None:
+            yield
+            return
+        db = Database(settings.database_url, max_size=settings.pool_size)
+        log = EventLog(db, REGISTRY)
+        app.state.tenancy = Tenancy(db, log, ProjectionRunner(db, REGISTRY, all_projections()))
+        try:
+            yield
+        finally:
+            db.close()
+
+    app = FastAPI(
+        title="Ember control-plane API",
+        version=__version__,
+        description="Orgs, members, apps, environments and tokens. Errors use the envelope "
+        '`{"error": {"code", "message", "detail", "hint"}}` with stable codes.',
+        lifespan=lifespan,
+    )
+    metrics = Metrics()
+    app.add_middleware(
+        EdgeMiddleware,
+        metrics=metrics,
+        max_body_bytes=settings.max_body_bytes if settings else 1024 * 1024,
+    )
+    errors.install(app)
+    for router in (orgs.router, apps.router, tokens.router):
+        app.include_router(router)
+
+    @app.get("/healthz", response_model=w.Health, tags=["health"])
+    def healthz() -> w.Health:
+        """The process is up."""
+        return w.Health(status="ok")
+
+    @app.get(
+        "/readyz",
+        response_model=w.Health,
+        tags=["health"],
+        responses={503: {"model": w.ErrorEnvelope}},
+    )
+    def readyz() -> w.Health:
+        """The database answers; a load balancer may send traffic."""
+        with app.state.tenancy.db.connection() as conn:
+            conn.execute("SELECT 1")
+        return w.Health(status="ready")
+
+    @app.get("/metrics", tags=["health"], response_class=Response)
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -20,10 +20,12 @@ def root() -> None:
 
 
 def _register() -> None:
+    from ember.cli.commands import register
     from ember.dev.commands import dev
     from ember.ops.admin import admin
     from ember.ops.server import server
 
+    register(root)
     for group in (dev, admin, server):
         root.add_command(group)
 

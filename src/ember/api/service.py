@@ -382,6 +382,20 @@ class Tenancy:
         state, version = self._load(stream, fold_org)
         self._commit(stream, version, decide_remove_member(state, user_id), who.user_id)
 
+    def operator_set_member(self, org: str, user_id: str, role: Role, actor: str) -> None:
+        """For operators (`ember admin`): no principal, no authorisation."""
+        stream = org_stream(org)
+        state, version = self._load(stream, fold_org)
+        if not state.exists:
+            raise OrgNotFound(f"no org {org!r}", detail={"org": org})
+        self._commit(stream, version, decide_add_member(state, user_id, role), actor)
+
+    def org_by_name(self, name: str) -> Row | None:
+        return self._one("SELECT * FROM view_orgs WHERE name = %s", [name])
+
+    def app_by_name(self, org_id: str, name: str) -> Row | None:
+        return self._one("SELECT * FROM view_apps WHERE org_id = %s AND name = %s", [org_id, name])
+
     def _member(self, org_id: str, user_id: str, missing_ok: bool = False) -> Row:
         row = self._one(
             "SELECT m.*, u.email FROM view_members m JOIN view_users u USING (user_id) "

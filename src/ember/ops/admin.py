@@ -5,8 +5,18 @@ from __future__ import annotations
 import click
 
 from ember.cli.output import emit_fields, emit_json, emit_table
-from ember.core.errors import EmberError
+from ember.core.errors import EmberError, ValidationFailed
 from ember.core.events import ZERO, Cursor
+from ember.core.tenancy import (
+    AppNotFound,
+    Capability,
+    OrgNotFound,
+    Role,
+    Scope,
+    UserNotFound,
+    check_capabilities,
+    check_name,
+)
 from ember.ops.context import OpsContext, json_option, pass_ops
 from ember.store import migrations
 from ember.store.eventlog import dumps
@@ -198,3 +208,104 @@ def _print_totals(ops: OpsContext, totals: dict[str, int], verb: str) -> None:
         emit_json(totals)
     else:
         emit_fields({name: f"{count} events {verb}" for name, count in totals.items()})
+
+
+@admin.command("create-user")
+@click.option("--email", required=True, help="The user's email (their identity).")
+@click.option("--name", default="", help="Display name.")
+@click.option(
+    "--org",
+    default=None,
+    help="Also make the user a member of this org (created, owned by them, if it does not exist).",
+)
+@click.option(
+    "--role",
+    type=click.Choice([r.value for r in Role]),
+    default=Role.OWNER.value,
+    show_default=True,
+    help="Role in --org.",
+)
+@json_option
+@pass_ops
+def create_user(ops: OpsContext, email: str, name: str, org: str | None, role: str) -> None:
+    """Create a user (idempotent), optionally with an org membership."""
+    svc = ops.tenancy()
+    user = svc.ensure_user(email, name, actor="ember admin")
+    out: dict[str, object] = {"user_id": user["user_id"], "email": user["email"]}
+    if org:
+        check_name(org, "org")
+        if svc.org_by_name(org) is None:
+            svc.create_org(None, org, owner_id=user["user_id"])
+        svc.operator_set_member(org, user["user_id"], Role(role), "ember admin")
+        out.update(org=org, role=role)
+    if ops.as_json:
+        emit_json(out)
+    else:
+        emit_fields(out)
+
+
+@admin.command("create-token")
+@click.option("--email", required=True, help="Whose token.")
+@click.option("--name", required=True, help="What the token is for, e.g. 'ci'.")
+@click.option("--org", default=None, help="Limit the token to this org.")
+@click.option("--app", default=None, help="Limit the token to this app (needs --org).")
+@click.option("--env", default=None, help="Limit the token to this environment (needs --app).")
+@click.option(
+    "--capability",
+    "capabilities",
+    multiple=True,
+    type=click.Choice([c.value for c in Capability]),
+    help="Repeatable; default: all.",
+)
+@click.option("--expires-in-days", type=click.IntRange(1, 3650), default=None)
+@json_option
+@pass_ops
+def create_token(
+    ops: OpsContext,
+    email: str,
+    name: str,
+    org: str | None,
+    app: str | None,
+    env: str | None,
+    capabilities: tuple[str, ...],
+    expires_in_days: int | None,
+) -> None:
+    """Issue an API token for a user. The secret is printed once; only its hash is kept."""
+    svc = ops.tenancy()
+    user = svc.user_by_email(email)
+    if user is None:
+        raise UserNotFound(
+            f"no user with email {email!r}",
+            hint="create it with 'ember admin create-user'",
+            detail={"email": email},
+        )
+    scope = Scope()
+    if (app and not org) or (env and not app):
+        raise ValidationFailed(
+            "--app needs --org, and --env needs --app",
+            detail={"field": "--app" if app else "--env"},
+        )
+    if org:
+        org_row = svc.org_by_name(org)
+        if org_row is None:
+            raise OrgNotFound(f"no org {org!r}", detail={"org": org})
+        scope = Scope(org_row["org_id"])
+        if app:
+            app_row = svc.app_by_name(org_row["org_id"], app)
+            if app_row is None:
+                raise AppNotFound(f"no app {app!r} in {org!r}", detail={"app": app})
+            scope = Scope(org_row["org_id"], app_row["app_id"], env)
+    caps = check_capabilities(list(capabilities)) if capabilities else frozenset(Capability)
+    secret, row = svc.issue_token(
+        user["user_id"],
+        name,
+        scope=scope,
+        capabilities=caps,
+        expires_in_days=expires_in_days,
+        actor="ember admin",
+    )
+    if ops.as_json:
+        emit_json({"id": row["token_id"], "token": secret, "user_id": user["user_id"]})
+    else:
+        click.echo(secret)
+        click.echo(f"(token {row['token_id']}: shown once, store it now)", err=True)

@@ -10,10 +10,12 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import click
 
+from ember.api.service import Tenancy
 from ember.core.catalog import REGISTRY
 from ember.core.errors import Unavailable
 from ember.core.settings import Settings, load_settings
 from ember.dev.postgres import LocalCluster
+from ember.store import migrations
 from ember.store.db import Database
 from ember.store.eventlog import EventLog
 from ember.store.projections import ProjectionRunner
@@ -50,6 +52,10 @@ class OpsContext:
 
     def projections(self) -> ProjectionRunner:
         return ProjectionRunner(self.db, REGISTRY, all_projections())
+
+    def tenancy(self) -> Tenancy:
+        migrations.migrate(self.database_url)
+        return Tenancy(self.db, self.event_log(), self.projections())
 
     def close(self) -> None:
         if self._db is not None:

@@ -18,8 +18,13 @@ def server() -> None:
 
 @server.command()
 @click.option("--host", default="127.0.0.1", show_default=True, envvar="EMBER_API_HOST")
-@click.option("--port", type=click.IntRange(1, 65535), default=7070, show_default=True,
-              envvar="EMBER_API_PORT")
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=7070,
+    show_default=True,
+    envvar="EMBER_API_PORT",
+)
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True)
 @pass_ops
 def api(ops: OpsContext, host: str, port: int, workers: int) -> None:
@@ -34,8 +39,7 @@ def api(ops: OpsContext, host: str, port: int, workers: int) -> None:
     migrations.migrate(url)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     app = create_app(ApiSettings(database_url=url))
-    uvicorn.run(app, host=host, port=port, workers=workers, access_log=False,
-                log_level="warning")
+    uvicorn.run(app, host=host, port=port, workers=workers, access_log=False, log_level="warning")
 
 
 @server.command()

@@ -24,7 +24,7 @@ def render() -> str:
 def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/specs/openapi.json")
     out.write_text(render())
-    print(f"wrote {out}")
+    sys.stdout.write(f"wrote {out}\n")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ demo: bootstrap  ## bring up the single-node stack and show the control plane wo
 
 bench: $(addprefix bench-,$(BENCHES))
 
-bench-%: bootstrap
+# A static pattern rule: make never applies a plain pattern rule to a .PHONY target.
+$(addprefix bench-,$(BENCHES)): bench-%: bootstrap
 	$(PY) -m ember.bench.$* $(if $(QUICK),--quick,) --out bench/results/$*.json
 
 openapi: bootstrap  ## regenerate docs/specs/openapi.json from the API

@@ -16,7 +16,7 @@ from ember.core.errors import (
 )
 from ember.core.events import ANY, ZERO, Cursor, NewEvent
 from ember.store.db import Database
-from ember.store.errors import DatabaseUnavailable
+from ember.store.errors import DatabaseUnavailable, StoreError
 from ember.store.eventlog import EventLog
 from tests.support.events import REGISTRY, tick
 
@@ -191,8 +191,45 @@ def test_bad_page_sizes_are_refused(log: EventLog) -> None:
 def test_history_cannot_be_rewritten(log: EventLog, db: Database, sql: str) -> None:
     log.append("counter-a", 0, [tick(1)])
     with (
-        pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"),
+        pytest.raises(StoreError, match="append-only") as err,
         db.connection() as conn,
     ):
         conn.execute(sql)
+    assert err.value.detail == {"sqlstate": "42501"}
     assert [e.data for e in log.read_all()] == [{"n": 1, "pad": ""}]
+
+
+def test_nul_characters_are_invalid_input_not_driver_errors(log: EventLog, db: Database) -> None:
+    with pytest.raises(InvalidEvent, match="NUL"):
+        log.append("counter-a", 0, [NewEvent("counter.ticked", {"n": 1, "pad": "a\x00b"})])
+    with pytest.raises(ValidationFailed):
+        log.append("counter-a", 0, [tick(1)], idempotency_key="k\x00")
+    assert count_rows(db) == 0
+
+
+def test_any_appends_never_conflict_under_contention(log: EventLog, db: Database) -> None:
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(12)
+
+    def writer(w: int) -> None:
+        barrier.wait()
+        for i in range(15):
+            try:
+                key = f"w{w}-{i}" if i % 2 else None
+                log.append("counter-hot", ANY, [tick(i)], idempotency_key=key)
+            except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+                errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert [e.stream_version for e in log.read_stream("counter-hot")] == list(range(1, 181))
+
+
+def test_a_malformed_database_url_is_a_validation_error() -> None:
+    with pytest.raises(ValidationFailed) as err:
+        Database("nonsense=1")
+    assert err.value.detail == {"field": "EMBER_DATABASE_URL"}

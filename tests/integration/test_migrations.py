@@ -63,6 +63,16 @@ def test_a_database_from_a_newer_release_is_refused(database_url: str) -> None:
         migrations.migrate(database_url)
 
 
+def test_an_event_log_from_the_future_is_refused(database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO events (xid, stream_id, stream_version, type, data) "
+            "VALUES ('999999999999', 'x-1', 1, 'x.y', '{}')"
+        )
+    with pytest.raises(MigrationFailed, match="ahead of this database cluster"):
+        migrations.migrate(database_url)
+
+
 def test_unreachable_database_fails_clearly() -> None:
     with pytest.raises(DatabaseUnavailable):
         migrations.migrate("host=/nonexistent port=9 dbname=x user=x")

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
 
 from ember.dev.postgres import LocalCluster
 from ember.store import migrations
@@ -25,9 +26,9 @@ _counter = itertools.count()
 def ephemeral_cluster() -> Iterator[LocalCluster]:
     root = Path(tempfile.mkdtemp(prefix="ember-pg-"))
     cluster = LocalCluster(root, durable=False)
-    cluster.init()
-    cluster.start()
     try:
+        cluster.init()
+        cluster.start()
         cluster.ensure_database(TEMPLATE)
         migrations.migrate(cluster.conninfo(TEMPLATE))
         yield cluster
@@ -38,13 +39,14 @@ def ephemeral_cluster() -> Iterator[LocalCluster]:
 def fresh_database(cluster: LocalCluster) -> str:
     """A new database cloned from the migrated template; returns its conninfo."""
     name = f"t{next(_counter)}"
-    with psycopg.connect(cluster.conninfo("postgres"), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE}"'.encode())
+    drop_database(cluster, cluster.conninfo(name))
+    cluster.ensure_database(name, template=TEMPLATE)
     return cluster.conninfo(name)
 
 
 def drop_database(cluster: LocalCluster, conninfo: str) -> None:
     name = psycopg.conninfo.conninfo_to_dict(conninfo)["dbname"]
     with psycopg.connect(cluster.conninfo("postgres"), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )

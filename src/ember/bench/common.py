@@ -22,9 +22,9 @@ def bench_cluster(*settings: str) -> Iterator[LocalCluster]:
     """A fresh cluster with default durability (fsync on): what production would run."""
     root = Path(tempfile.mkdtemp(prefix="ember-bench-"))
     cluster = LocalCluster(root, durable=True, settings=settings)
-    cluster.init()
-    cluster.start()
     try:
+        cluster.init()
+        cluster.start()
         cluster.ensure_database()
         migrations.migrate(cluster.conninfo())
         yield cluster

@@ -4,7 +4,7 @@ Every figure is a median over interleaved rounds, and append throughput is judge
 ratio against plain INSERTs of the same 1 KiB payload in the same run (same cluster,
 concurrency and durability), so a noisy machine moves both together.
 
-Goals (docs/specs/events.md): append_ratio >= 0.5, catch-up >= 10x append,
+Goals (the Foundation issue): append_ratio >= 0.5, catch-up >= 10x append,
 notify p99 <= 20 ms at half the maximum append rate, skipped_events = 0.
 """
 

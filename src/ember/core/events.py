@@ -235,9 +235,15 @@ class EventRegistry:
                 f"{event.type}: invalid event: {_summarise(exc)}",
                 detail={"type": event.type, "errors": _errors(exc)},
             ) from exc
+        data = payload.model_dump(mode="json")
+        if _has_nul(data) or _has_nul(event.metadata):
+            raise InvalidEvent(
+                f"{event.type}: strings may not contain NUL characters",
+                detail={"type": event.type},
+            )
         return NewEvent(
             type=event.type,
-            data=payload.model_dump(mode="json"),
+            data=data,
             schema_version=model.schema_version,
             metadata=meta.model_dump(mode="json", exclude_none=True) if meta else {},
         )
@@ -276,6 +282,17 @@ def request_hash(
     }
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _has_nul(value: object) -> bool:
+    """Postgres jsonb cannot store U+0000; refuse it up front as invalid input."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, Mapping):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 def _errors(exc: pydantic.ValidationError) -> list[dict[str, Any]]:

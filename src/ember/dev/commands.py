@@ -16,6 +16,7 @@ from ember.core.events import ANY, Metadata, NewEvent
 from ember.dev.postgres import LocalCluster
 from ember.ops.context import OpsContext, json_option, pass_ops
 from ember.store import migrations
+from ember.store.db import redact
 
 STACK_STREAM = "stack-local"
 
@@ -61,7 +62,7 @@ def up(ops: OpsContext) -> None:
     runner.catch_up()
     info["event"] = f"stack.started at {result.cursor} (version {result.last_version})"
     info["projections"] = {s.name: str(s.cursor) for s in runner.status()}
-    info["database_url"] = ops.database_url
+    info["database_url"] = redact(ops.database_url)
     if ops.as_json:
         emit_json(info)
         return
@@ -112,7 +113,9 @@ def status(ops: OpsContext) -> None:
         out["postgres_running"] = True
     if out["postgres_running"]:
         out["head"] = str(ops.event_log().head())
-        out["pending_migrations"] = [m.name for m in migrations.pending(ops.database_url)]
+        out["pending_migrations"] = [
+            f"{m.version:04d}_{m.name}" for m in migrations.pending(ops.database_url)
+        ]
         out["projections"] = {
             s.name: {"cursor": str(s.cursor), "lag_events": s.lag_events}
             for s in ops.projections().status()

@@ -168,20 +168,25 @@ class LocalCluster:
     def ensure_database(self, name: str = DATABASE, template: str | None = None) -> bool:
         """Create ``name`` unless it exists; return True when created."""
         import psycopg
+        from psycopg import sql
 
         with psycopg.connect(self.conninfo("postgres"), autocommit=True) as conn:
             exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
             if exists.fetchone():
                 return False
-            sql = f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else "")
-            conn.execute(sql.encode())
+            query = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+            if template:
+                query += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
+            conn.execute(query)
         return True
 
     def destroy(self) -> None:
-        self.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
-        if self.socket_dir != self.root / "run":
-            shutil.rmtree(self.socket_dir, ignore_errors=True)
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+            if self.socket_dir != self.root / "run":
+                shutil.rmtree(self.socket_dir, ignore_errors=True)
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -208,7 +213,13 @@ class LocalCluster:
         """Hand ``path`` to the unprivileged user and let it traverse the parents."""
         if not self.run_as:
             return
-        pw = pwd.getpwnam(self.run_as)
+        try:
+            pw = pwd.getpwnam(self.run_as)
+        except KeyError:
+            raise ClusterError(
+                f"there is no '{self.run_as}' user to run PostgreSQL as (it refuses root)",
+                hint="install Debian's postgresql package (make bootstrap does), which creates it",
+            ) from None
         os.chown(path, pw.pw_uid, pw.pw_gid)
         for parent in path.resolve().parents:
             st = parent.stat()

@@ -132,6 +132,11 @@ def events_list(ops: OpsContext, after: str, stream_id: str | None, limit: int) 
     """Events in commit-safe order (or one stream's events)."""
     log = ops.event_log()
     cursor = Cursor.parse(after)
+    if stream_id and cursor != ZERO:
+        raise ValidationFailed(
+            "--after and --stream do not combine: a stream is read by version",
+            detail={"field": "--after"},
+        )
     page = (
         log.read_stream(stream_id, limit=limit) if stream_id else log.read_all(cursor, limit=limit)
     )

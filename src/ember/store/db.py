@@ -1,7 +1,7 @@
 """Connections to the control-plane database.
 
-``Database`` owns a connection pool; every psycopg connection failure leaving this package
-is a :class:`DatabaseUnavailable` with a hint, never a raw driver traceback.
+``Database`` owns a connection pool. Every psycopg error leaving this package is an
+Ember error (:func:`translate`): users get a message and a hint, never a driver traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import psycopg
 import psycopg_pool
 from psycopg.rows import TupleRow
 
-from ember.store.errors import DatabaseUnavailable
+from ember.core.errors import EmberError, ValidationFailed
+from ember.store.errors import DatabaseUnavailable, SchemaNotMigrated, StoreError
 
 UNREACHABLE_HINT = (
     "check that Postgres is running ('ember dev up' starts the embedded one) "
@@ -27,10 +28,34 @@ def connect(conninfo: str, *, autocommit: bool = False, timeout: float = 5.0) ->
         return psycopg.connect(
             conninfo, autocommit=autocommit, connect_timeout=max(1, int(timeout))
         )
-    except psycopg.OperationalError as exc:
+    except psycopg.ProgrammingError as exc:  # a malformed conninfo
+        raise ValidationFailed(
+            f"invalid database URL: {_first_line(exc)}",
+            hint="EMBER_DATABASE_URL takes a libpq URL or conninfo, "
+            "e.g. postgresql://user@host/dbname",
+            detail={"field": "EMBER_DATABASE_URL"},
+        ) from exc
+    except psycopg.Error as exc:
         raise DatabaseUnavailable(
             f"cannot connect to the database: {_first_line(exc)}", hint=UNREACHABLE_HINT
         ) from exc
+
+
+def translate(exc: psycopg.Error) -> EmberError:
+    """A driver error as an Ember error, by SQLSTATE class."""
+    state = exc.sqlstate or ""
+    if state == "42P01":  # undefined_table
+        return SchemaNotMigrated(
+            f"the database schema is not migrated: {_first_line(exc)}",
+            hint="run 'ember admin migrate'",
+        )
+    if not state or state.startswith(("08", "53", "57")):
+        # No SQLSTATE: the connection itself failed. 08 connection, 53 resources,
+        # 57 operator intervention (shutdown, cancel).
+        return DatabaseUnavailable(
+            f"database unavailable: {_first_line(exc)}", hint=UNREACHABLE_HINT
+        )
+    return StoreError(f"database error: {_first_line(exc)}", detail={"sqlstate": state})
 
 
 class Database:
@@ -62,10 +87,8 @@ class Database:
             raise DatabaseUnavailable(
                 "no database connection became available in time", hint=UNREACHABLE_HINT
             ) from exc
-        except psycopg.OperationalError as exc:
-            raise DatabaseUnavailable(
-                f"lost the database connection: {_first_line(exc)}", hint=UNREACHABLE_HINT
-            ) from exc
+        except psycopg.Error as exc:
+            raise translate(exc) from exc
 
     def close(self) -> None:
         self.pool.close()
@@ -75,6 +98,19 @@ class Database:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def redact(conninfo: str) -> str:
+    """The conninfo with any password masked: safe to print or log."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    try:
+        params = conninfo_to_dict(conninfo)
+    except psycopg.Error:
+        return "<invalid conninfo>"
+    if "password" in params:
+        params["password"] = "***"  # noqa: S105 - a mask, not a password
+    return make_conninfo("", **params)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,10 +1,11 @@
-"""Errors of the store, translated from psycopg at this boundary::
+"""Errors of the store, translated from psycopg at this boundary (ember.store.db)::
 
 EmberError (ember.core.errors)
 ├── Unavailable
 │   └── DatabaseUnavailable   store.unavailable       cannot connect / connection lost
-└── StoreError                store.error
-    └── MigrationFailed       store.migration_failed  a migration is broken or was edited
+└── StoreError                store.error             any other database error
+    ├── MigrationFailed       store.migration_failed  a migration is broken or was edited
+    └── SchemaNotMigrated     store.not_migrated      tables missing: run migrations
 """
 
 from __future__ import annotations
@@ -23,3 +24,8 @@ class DatabaseUnavailable(Unavailable):
 
 class MigrationFailed(StoreError):
     code = "store.migration_failed"
+
+
+class SchemaNotMigrated(StoreError):
+    code = "store.not_migrated"
+    kind = Kind.UNAVAILABLE

@@ -122,7 +122,9 @@ class EventLog:
             raise ValidationFailed(
                 f"at most {MAX_EVENTS_PER_APPEND} events per append", detail={"field": "events"}
             )
-        if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
+        if idempotency_key is not None and (
+            not 1 <= len(idempotency_key) <= 200 or "\x00" in idempotency_key
+        ):
             raise ValidationFailed(
                 "an idempotency key has 1-200 characters", detail={"field": "idempotency_key"}
             )
@@ -249,6 +251,9 @@ def _wait_for_notify(conn: psycopg.Connection, timeout: float, stop: Any) -> Non
     deadline = time.monotonic() + timeout
     while (left := deadline - time.monotonic()) > 0:
         if any(True for _ in conn.notifies(timeout=min(left, 0.2), stop_after=1)):
+            # Several appends may have notified meanwhile: one re-read covers them all.
+            for _ in conn.notifies(timeout=0.001):
+                pass
             return
         if stop is not None and stop.is_set():
             return
@@ -321,16 +326,19 @@ def _run_append(
 def _append_once(
     conn: psycopg.Connection, stream_id: str, expected: ExpectedVersion, params: dict[str, Any]
 ) -> AppendResult:
-    attempts = 5 if expected == ANY else 1
-    for attempt in range(attempts):
-        try:
-            # One statement on an autocommit connection: atomic, and one round trip.
-            return _run_append(conn, stream_id, expected, params)
-        except ConcurrencyConflict:
-            # With ANY the caller asked for no check: a lost race just means "retry".
-            if attempt == attempts - 1:
-                raise
-    raise AssertionError("unreachable")
+    if expected != ANY:
+        # One statement on an autocommit connection: atomic, and one round trip.
+        return _run_append(conn, stream_id, expected, params)
+    with conn.transaction():
+        _lock_stream(conn, stream_id)
+        return _run_append(conn, stream_id, expected, params)
+
+
+def _lock_stream(conn: psycopg.Connection, stream_id: str) -> None:
+    """With ANY the caller asked for no check, so writers of one stream must not race:
+    they take turns on an advisory lock (which, unlike a row lock, gives the transaction
+    no xid before the append reads the stream head)."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 1))", (stream_id,))
 
 
 def _append_idempotent(
@@ -347,6 +355,8 @@ def _append_idempotent(
         # give this transaction an xid before the append reads the stream head (see the
         # xid guard in _APPEND_TEMPLATE). A concurrent retry waits here for our outcome.
         conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
+        if expected == ANY:
+            _lock_stream(conn, stream_id)
         row = conn.execute(
             "SELECT request_hash, result FROM idempotency_keys WHERE key = %s", (key,)
         ).fetchone()

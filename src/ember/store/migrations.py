@@ -65,6 +65,12 @@ def migrate(conninfo: str) -> list[Migration]:
                 row[0]: row[1]
                 for row in conn.execute("SELECT version, checksum FROM schema_migrations")
             }
+            unknown = sorted(set(done) - {m.version for m in available()})
+            if unknown:
+                raise MigrationFailed(
+                    f"the database has migrations this release does not know: {unknown}",
+                    hint="run a release at least as new as the one that migrated this database",
+                )
             for mig in available():
                 if mig.version in done:
                     if done[mig.version] != mig.checksum:
@@ -87,15 +93,24 @@ def migrate(conninfo: str) -> list[Migration]:
                         f"migration {mig.version:04d}_{mig.name} failed: {exc}"
                     ) from exc
                 applied_now.append(mig)
-            unknown = sorted(set(done) - {m.version for m in available()})
-            if unknown:
-                raise MigrationFailed(
-                    f"the database has migrations this release does not know: {unknown}",
-                    hint="run a release at least as new as the one that migrated this database",
-                )
+            _check_xid_horizon(conn)
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
     return applied_now
+
+
+def _check_xid_horizon(conn: psycopg.Connection) -> None:
+    """Readers order the log by transaction id. A log copied into another cluster (a
+    dump and restore) can carry xids from the future of that cluster: its old events
+    would be hidden and new ones sorted before the readers' cursors. Refuse to run."""
+    row = conn.execute("SELECT (SELECT max(xid) FROM events) >= pg_current_xact_id()").fetchone()
+    if row and row[0]:
+        raise MigrationFailed(
+            "the event log holds transaction ids ahead of this database cluster "
+            "(was it restored from another cluster?)",
+            hint="restore with the cluster's files (pg_basebackup), not a logical dump; "
+            "see docs/specs/events.md",
+        )
 
 
 def pending(conninfo: str) -> list[Migration]:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import psycopg
+from psycopg import sql
 
 from ember.core.errors import NotFound
 from ember.core.events import ZERO, Cursor, EventRegistry, RecordedEvent
@@ -113,6 +114,9 @@ class ProjectionRunner:
         out: dict[str, tuple[str, str]] = {}
         for n in [name] if name else sorted(self.projections):
             with self.db.connection() as conn, conn.transaction():
+                # One snapshot for the whole check: both sides then see exactly the same
+                # events, even while other transactions append and commit.
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
                 # Fold what the live view has not seen yet, so both sides cover the same
                 # events; then compare with a replay from zero, and roll it all back.
                 self._fold_pending(conn, n)
@@ -134,8 +138,10 @@ class ProjectionRunner:
     def _rebuild_on(self, conn: psycopg.Connection, name: str, batch_size: int) -> int:
         projection = self.get(name)
         _lock_checkpoint(conn, name)
-        if projection.tables:
-            conn.execute(f"TRUNCATE {', '.join(projection.tables)}".encode())
+        # DELETE, not TRUNCATE: TRUNCATE's exclusive lock would block every reader of the
+        # views until the rebuild commits; with DELETE they keep reading the old rows.
+        for table in projection.tables:
+            conn.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(table)))
         cursor, count = ZERO, 0
         with conn.cursor() as cur:
             while events := read_all_on(conn, self.registry, cursor, batch_size):
@@ -167,7 +173,8 @@ class ProjectionRunner:
                 ).fetchone()
                 cursor = Cursor(int(row[0]), int(row[1])) if row else ZERO
                 lag = conn.execute(
-                    "SELECT count(*) FROM events WHERE (xid, position) > (%s::text::xid8, %s)",
+                    "SELECT count(*) FROM events WHERE (xid, position) > (%s::text::xid8, %s) "
+                    "AND xid < pg_snapshot_xmin(pg_current_snapshot())",
                     (str(cursor.xid), cursor.position),
                 ).fetchone()
                 out.append(
@@ -185,7 +192,8 @@ class ProjectionRunner:
         h = hashlib.sha256()
         for table in self.get(name).tables:
             h.update(table.encode())
-            for (line,) in conn.execute(f"SELECT t::text FROM {table} t ORDER BY 1".encode()):
+            query = sql.SQL("SELECT t::text FROM {} t ORDER BY 1").format(sql.Identifier(table))
+            for (line,) in conn.execute(query):
                 h.update(line.encode() + b"\n")
         return h.hexdigest()
 

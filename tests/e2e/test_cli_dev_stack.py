@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,10 +20,9 @@ EMBER = str(Path(sys.executable).parent / "ember")
 def ember(
     home: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("EMBER_")}
     proc = subprocess.run(
         [EMBER, *args],
-        env={**base, "EMBER_HOME": str(home), **(env or {})},
+        env={**stack_env(home), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -31,6 +31,28 @@ def ember(
     )
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc
+
+
+def stack_env(home: Path) -> dict[str, str]:
+    """A private stack: its own home, CLI config and API port."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("EMBER_")}
+    return {
+        **base,
+        "EMBER_HOME": str(home),
+        "EMBER_CONFIG": str(home / "cli.toml"),
+        "EMBER_API_PORT": str(_port_for(home)),
+    }
+
+
+def _port_for(home: Path) -> int:
+    cached = home / ".port"
+    if cached.exists():
+        return int(cached.read_text())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    cached.write_text(str(port))
+    return port
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +75,27 @@ def test_dev_up_creates_the_stack_once_and_is_idempotent(home: Path) -> None:
     ]
     assert (home / "postgres" / "data" / "PG_VERSION").exists()
 
+    # The local admin's token is printed once and stored in the CLI config.
+    assert info["admin_token"].startswith("ember_pat_")
+    config = (home / "cli.toml").read_text()
+    assert info["admin_token"] in config and 'org = "local"' in config
+    assert info["services_started"] == {"api": True, "controller": True}
+
     again = json.loads(ember(home, "dev", "up", "--json").stdout)
     assert again["postgres_created"] is False and again["postgres_started"] is False
     assert again["migrations_applied"] == []
+    assert again["admin_token"] is None
+    assert again["services_started"] == {"api": False, "controller": False}
+    status = json.loads(ember(home, "dev", "status", "--json").stdout)
+    assert status["services"] == {"api": True, "controller": True}
+    import httpx
+
+    assert httpx.get(status["api_url"] + "/readyz").json() == {"status": "ready"}
 
     events = [
         json.loads(line)
-        for line in ember(home, "admin", "events", "list", "--json").stdout.splitlines()
+        for line in ember(home, "admin", "events", "list", "--stream", "stack-local", "--json")
+        .stdout.splitlines()
     ]
     assert [(e["stream_id"], e["stream_version"], e["type"]) for e in events] == [
         ("stack-local", 1, "stack.started"),
@@ -75,7 +111,9 @@ def test_projections_status_and_rebuild(home: Path) -> None:
     first = json.loads(ember(home, "admin", "projections", "rebuild", "--json").stdout)
     second = json.loads(ember(home, "admin", "projections", "rebuild", "streams", "--json").stdout)
     assert first["streams"] == second["streams"] and first["streams"]["events"] >= 2
-    streams = json.loads(ember(home, "admin", "events", "streams", "--json").stdout)
+    streams = json.loads(
+        ember(home, "admin", "events", "streams", "--kind", "stack", "--json").stdout
+    )
     assert [(s["stream_id"], s["kind"], s["last_type"]) for s in streams] == [
         ("stack-local", "stack", "stack.started")
     ]
@@ -111,11 +149,10 @@ def test_json_errors_carry_the_envelope(home: Path) -> None:
 
 
 def test_tail_follows_new_events(home: Path) -> None:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("EMBER_")}
     head = json.loads(ember(home, "dev", "status", "--json").stdout)["head"]
     tail = subprocess.Popen(
         [EMBER, "admin", "events", "tail", "--after", head],
-        env={**base, "EMBER_HOME": str(home)},
+        env=stack_env(home),
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -139,8 +176,11 @@ def test_unreachable_database_exits_7_with_a_hint(home: Path) -> None:
 
 def test_dev_down_stops_and_then_commands_say_what_to_do(home: Path) -> None:
     down = ember(home, "dev", "down", "--json")
-    assert down.returncode == 0 and json.loads(down.stdout) == {"stopped": True}
-    assert json.loads(ember(home, "dev", "down", "--json").stdout) == {"stopped": False}
+    assert down.returncode == 0
+    assert json.loads(down.stdout) == {
+        "stopped": True, "services_stopped": {"api": True, "controller": True}
+    }
+    assert json.loads(ember(home, "dev", "down", "--json").stdout)["stopped"] is False
     proc = ember(home, "admin", "events", "list")
     assert proc.returncode == 7
     assert "ember dev up" in proc.stderr
@@ -154,6 +194,7 @@ def test_dev_down_stops_and_then_commands_say_what_to_do(home: Path) -> None:
 
 def test_dev_up_uses_an_external_database_when_told(database_url: str, tmp_path: Path) -> None:
     proc = ember(tmp_path, "dev", "up", "--json", env={"EMBER_DATABASE_URL": database_url})
+    ember(tmp_path, "dev", "down", env={"EMBER_DATABASE_URL": database_url})
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     assert info["postgres"].startswith("external")

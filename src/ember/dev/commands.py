@@ -1,24 +1,44 @@
-"""`ember dev`: bring the single-node stack up and down on this machine."""
+"""`ember dev`: bring the single-node stack up and down on this machine.
+
+`up` is idempotent: it creates what is missing and starts what is not running —
+PostgreSQL (embedded unless EMBER_DATABASE_URL is set), the schema, the API and the
+controller — and, the first time only, the local admin user with an org and a token,
+which it stores in the CLI config so `ember apps create` works right away.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import sys
+import time
 from collections.abc import Iterator
 
 import click
+import httpx
 
 from ember import __version__
+from ember.cli.config import CliConfig, config_path, load_file, save_file
 from ember.cli.output import console, emit_fields, emit_json
 from ember.core.catalog import StackStarted, StackStopped
+from ember.core.errors import Unavailable
 from ember.core.events import ANY, Metadata, NewEvent
+from ember.core.tenancy import Capability, Scope
 from ember.dev.postgres import LocalCluster
+from ember.dev.processes import Supervisor
 from ember.ops.context import OpsContext, json_option, pass_ops
 from ember.store import migrations
 from ember.store.db import redact
 
 STACK_STREAM = "stack-local"
+ADMIN_EMAIL = "admin@localhost"
+ADMIN_ORG = "local"
+SERVICES = ("api", "controller")
+
+
+class StackFailed(Unavailable):
+    code = "dev.stack_failed"
 
 
 @click.group()
@@ -26,14 +46,85 @@ def dev() -> None:
     """The single-node stack: everything Ember needs, on this machine."""
 
 
+def _api_url(ops: OpsContext) -> str:
+    return f"http://127.0.0.1:{ops.settings.api_port}"
+
+
+def _start_services(ops: OpsContext) -> dict[str, bool]:
+    sup = Supervisor(ops.settings.home)
+    ember = os.path.join(os.path.dirname(sys.executable), "ember")
+    env = {
+        **os.environ,
+        "EMBER_HOME": str(ops.settings.home),
+        "EMBER_DATABASE_URL": ops.database_url,
+        "EMBER_API_PORT": str(ops.settings.api_port),
+    }
+    started = {}
+    if sup.pid("api") is None and _port_taken(ops.settings.api_port):
+        raise StackFailed(
+            f"port {ops.settings.api_port} is taken by another program",
+            hint="stop it, or set EMBER_API_PORT to a free port",
+            detail={"field": "EMBER_API_PORT"},
+        )
+    started["api"] = sup.start("api", [ember, "server", "api"], env)
+    started["controller"] = sup.start("controller", [ember, "server", "controller"], env)
+    try:
+        _wait_ready(ops, sup)
+    except StackFailed:
+        for name, now in started.items():  # leave nothing half-started behind
+            if now:
+                sup.stop(name)
+        raise
+    return started
+
+
+def _port_taken(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _wait_ready(ops: OpsContext, sup: Supervisor, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for name in SERVICES:
+            if sup.exited_early(name):
+                raise StackFailed(
+                    f"the {name} process exited during start-up",
+                    hint=f"see {sup.log_file(name)}",
+                )
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(_api_url(ops) + "/readyz", timeout=2).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise StackFailed("the API did not become ready in time",
+                      hint=f"see {sup.log_file('api')}")
+
+
+def _ensure_admin(ops: OpsContext) -> str | None:
+    """Create the local admin once; return its token when created now (shown once)."""
+    svc = ops.tenancy()
+    if svc.user_by_email(ADMIN_EMAIL) is not None:
+        return None
+    user = svc.ensure_user(ADMIN_EMAIL, "Local admin", actor="ember dev up")
+    svc.create_org(None, ADMIN_ORG, owner_id=user["user_id"])
+    secret, _ = svc.issue_token(user["user_id"], "ember dev up", scope=Scope(),
+                                capabilities=frozenset(Capability), actor="ember dev up")
+    path = config_path(os.environ)
+    current = load_file(path)
+    save_file(path, CliConfig(api_url=_api_url(ops), token=secret, org=ADMIN_ORG,
+                              app=current.app, env=current.env))
+    return secret
+
+
 @dev.command()
 @json_option
 @pass_ops
 def up(ops: OpsContext) -> None:
-    """Start the stack (idempotent): Postgres, schema, projections.
+    """Start the stack (idempotent): Postgres, schema, API, controller, local admin.
 
     Without EMBER_DATABASE_URL an embedded PostgreSQL cluster is created under
-    $EMBER_HOME/postgres (default ~/.local/share/ember) and started.
+    $EMBER_HOME/postgres (default ~/.local/share/ember) and started. The API listens on
+    127.0.0.1:$EMBER_API_PORT (default 7070).
     """
     embedded = ops.settings.database_url is None
     info: dict[str, object] = {"home": str(ops.settings.home)}
@@ -58,11 +149,16 @@ def up(ops: OpsContext) -> None:
     result = ops.event_log().append(
         STACK_STREAM, ANY, [NewEvent.of(started, Metadata(actor="ember dev up"))]
     )
+    with _progress(ops, "Starting the API and the controller…"):
+        info["services_started"] = _start_services(ops)
+    token = _ensure_admin(ops)
     runner = ops.projections()
     runner.catch_up()
     info["event"] = f"stack.started at {result.cursor} (version {result.last_version})"
     info["projections"] = {s.name: str(s.cursor) for s in runner.status()}
     info["database_url"] = redact(ops.database_url)
+    info["api_url"] = _api_url(ops)
+    info["admin_token"] = token
     if ops.as_json:
         emit_json(info)
         return
@@ -72,11 +168,15 @@ def up(ops: OpsContext) -> None:
             "home": info["home"],
             "postgres": info["postgres"],
             "database": info["database_url"],
+            "api": info["api_url"],
             "migrations": ", ".join(info["migrations_applied"]) or "up to date",  # type: ignore[arg-type]
             "event": info["event"],
         }
     )
-    click.echo("Next: 'ember admin events list' shows the event log; 'ember dev down' stops.")
+    if token:
+        click.echo(f"\nCreated the local admin ({ADMIN_EMAIL}, org '{ADMIN_ORG}'). Its API token,")
+        click.echo(f"shown this once and saved to {config_path(os.environ)}:\n\n  {token}\n")
+    click.echo("Next: 'ember apps create hello'; 'ember dev down' stops the stack.")
 
 
 @dev.command()
@@ -84,6 +184,8 @@ def up(ops: OpsContext) -> None:
 @pass_ops
 def down(ops: OpsContext) -> None:
     """Stop the stack (idempotent). Data stays in $EMBER_HOME."""
+    sup = Supervisor(ops.settings.home)
+    services = {name: sup.stop(name) for name in SERVICES}
     stopped = False
     if ops.settings.database_url is None:
         cluster = LocalCluster(ops.settings.postgres_dir)
@@ -94,11 +196,11 @@ def down(ops: OpsContext) -> None:
     else:
         _record_stop(ops)
     if ops.as_json:
-        emit_json({"stopped": stopped})
+        emit_json({"stopped": stopped, "services_stopped": services})
+    elif stopped or any(services.values()):
+        click.echo("Stopped the single-node stack.")
     else:
-        click.echo(
-            "Stopped the embedded PostgreSQL cluster." if stopped else "Nothing was running."
-        )
+        click.echo("Nothing was running.")
 
 
 @dev.command()
@@ -106,11 +208,14 @@ def down(ops: OpsContext) -> None:
 @pass_ops
 def status(ops: OpsContext) -> None:
     """Is the stack up, and how far have the projections got?"""
+    sup = Supervisor(ops.settings.home)
     out: dict[str, object] = {"home": str(ops.settings.home)}
     if ops.settings.database_url is None:
         out["postgres_running"] = LocalCluster(ops.settings.postgres_dir).is_running()
     else:
         out["postgres_running"] = True
+    out["services"] = {name: sup.pid(name) is not None for name in SERVICES}
+    out["api_url"] = _api_url(ops)
     if out["postgres_running"]:
         out["head"] = str(ops.event_log().head())
         out["pending_migrations"] = [

@@ -13,7 +13,29 @@ from ember.cli.exits import Exit, report
 from ember.core.errors import EmberError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Operator groups pull in the store, the API and psycopg: import them only when used,
+# so `ember apps list` starts fast.
+_LAZY = {
+    "admin": ("ember.ops.admin", "admin"),
+    "dev": ("ember.dev.commands", "dev"),
+    "server": ("ember.ops.server", "server"),
+}
+
+
+class _Root(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_LAZY})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in _LAZY and cmd_name not in self.commands:
+            import importlib
+
+            module, attr = _LAZY[cmd_name]
+            self.add_command(getattr(importlib.import_module(module), attr), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_Root, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ember")
 def root() -> None:
     """Ember: deploy OCI images as microVMs behind an L4 edge."""
@@ -21,13 +43,9 @@ def root() -> None:
 
 def _register() -> None:
     from ember.cli.commands import register
-    from ember.dev.commands import dev
-    from ember.ops.admin import admin
-    from ember.ops.server import server
 
-    register(root)
-    for group in (dev, admin, server):
-        root.add_command(group)
+    if not root.commands:
+        register(root)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

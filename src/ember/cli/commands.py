@@ -1,4 +1,5 @@
-"""User commands of `ember` (login, whoami, orgs, apps, envs, tokens)."""
+"""User commands of `ember` (login, whoami, orgs, apps, envs, tokens): one module per
+noun, each talking to the control-plane API through ember.client only."""
 
 from __future__ import annotations
 
@@ -7,3 +8,11 @@ import click
 
 def register(root: click.Group) -> None:
     """Add the user commands to the root group."""
+    from ember.cli.apps import apps
+    from ember.cli.auth import login, logout, whoami
+    from ember.cli.envs import envs
+    from ember.cli.orgs import orgs
+    from ember.cli.tokens import tokens
+
+    for command in (login, logout, whoami, orgs, apps, envs, tokens):
+        root.add_command(command)

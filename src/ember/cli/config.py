@@ -79,22 +79,53 @@ def resolve(
     env: str | None = None,
 ) -> CliConfig:
     """The effective configuration of one invocation."""
-    stored = load_file(config_path(environ))
-    project = _read_toml(cwd / "ember.toml")
+    config, _sources = resolve_explained(environ, cwd, api_url=api_url, org=org, app=app, env=env)
+    return config
 
-    def pick(flag: str | None, var: str, key: str, fallback: str | None) -> str | None:
-        project_value = project.get(key)
-        return (
-            flag
-            or environ.get(var)
-            or (str(project_value) if project_value is not None else None)
-            or fallback
-        )
 
-    return CliConfig(
-        api_url=api_url or environ.get("EMBER_API_URL") or stored.api_url,
-        token=environ.get("EMBER_API_TOKEN") or stored.token,
-        org=pick(org, "EMBER_ORG", "org", stored.org),
-        app=pick(app, "EMBER_APP", "app", stored.app),
-        env=pick(env, "EMBER_ENV", "env", stored.env),
+def resolve_explained(
+    environ: Mapping[str, str],
+    cwd: Path,
+    *,
+    api_url: str | None = None,
+    org: str | None = None,
+    app: str | None = None,
+    env: str | None = None,
+) -> tuple[CliConfig, dict[str, str]]:
+    """Like :func:`resolve`, plus where each value that is set came from, as a person
+    would change it: ``{"org": "--org", "app": "EMBER_APP", "env": "/src/ember.toml",
+    "token": "/home/ada/.config/ember/config.toml", "api_url": "default"}``."""
+    path = config_path(environ)
+    stored = _read_toml(path)
+    project_file = cwd / "ember.toml"
+    project = _read_toml(project_file)
+    sources: dict[str, str] = {}
+
+    def pick(key: str, flag: str | None, var: str, *, in_project: bool = True) -> str | None:
+        def text(raw: Mapping[str, Any]) -> str | None:
+            value = raw.get(key)
+            return str(value) if value is not None else None
+
+        candidates = [
+            (flag, "--" + key.replace("_", "-")),
+            (environ.get(var), var),
+            (text(project) if in_project else None, str(project_file)),
+            (text(stored), str(path)),
+        ]
+        for value, source in candidates:
+            if value:
+                sources[key] = source
+                return value
+        return None
+
+    url = pick("api_url", api_url, "EMBER_API_URL", in_project=False)
+    if url is None:
+        url, sources["api_url"] = DEFAULT_API_URL, "default"
+    config = CliConfig(
+        api_url=url,
+        token=pick("token", None, "EMBER_API_TOKEN", in_project=False),
+        org=pick("org", org, "EMBER_ORG"),
+        app=pick("app", app, "EMBER_APP"),
+        env=pick("env", env, "EMBER_ENV"),
     )
+    return config, sources

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import click
+from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
 
 def console() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+    # Piped output is never cut to 80 columns: an id ending in "…" is useless to a script.
+    wide = None if sys.stdout.isatty() else 1000
+    return Console(highlight=False, soft_wrap=True, width=wide)
 
 
 def emit_json(value: Any) -> None:
@@ -32,3 +37,21 @@ def emit_fields(fields: Mapping[str, Any]) -> None:
     width = max((len(k) for k in fields), default=0)
     for key, value in fields.items():
         click.echo(f"{key.ljust(width)}  {value}")
+
+
+def dump(value: BaseModel | Sequence[BaseModel]) -> Any:
+    """A wire model (or a list of them) as JSON-able data with the wire's field names."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    return [v.model_dump(mode="json") for v in value]
+
+
+def emit_model(value: BaseModel | Sequence[BaseModel]) -> None:
+    emit_json(dump(value))
+
+
+def when(value: dt.datetime | None) -> str:
+    """A timestamp for people: UTC, to the minute."""
+    if value is None:
+        return "-"
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")

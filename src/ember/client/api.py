@@ -1,0 +1,353 @@
+"""``Client``: one method per route of the control-plane API (docs/specs/openapi.json).
+
+Methods take plain names and return the wire models of ember.wire.models; an error
+response raises the typed exception of ember.client.errors, and no answer at all raises
+``Unreachable`` (httpx's exceptions never escape). Every POST carries an
+``Idempotency-Key``, reused by the client's own retries, so a retry never does the work
+twice.
+
+List methods come in two forms: ``iter_*`` follows ``next_cursor`` lazily and ``list_*``
+returns every item.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+from urllib.parse import quote
+
+import httpx
+import pydantic
+
+from ember import __version__
+from ember.client.errors import (
+    UNREACHABLE_HINT,
+    ApiInternal,
+    InvalidRequest,
+    Unreachable,
+    error_from_response,
+)
+from ember.core.tenancy import Capability, Role
+from ember.wire import models as w
+
+M = TypeVar("M", bound=pydantic.BaseModel)
+T = TypeVar("T")
+
+USER_AGENT = f"ember-cli/{__version__}"
+_MAX_PAGES = 10_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Created(Generic[T]):
+    """What a create-or-get answered: the object, and whether this call created it
+    (HTTP 201) or found it already there with the same parameters (HTTP 200)."""
+
+    item: T
+    created: bool
+
+
+def path(*segments: str) -> str:
+    """``/v1/orgs/<org>/...`` with every segment percent-encoded (a name is never a path)."""
+    return "/" + "/".join(quote(s, safe="") for s in segments)
+
+
+def check_base_url(base_url: str) -> httpx.URL:
+    try:
+        url = httpx.URL(base_url)
+    except httpx.InvalidURL as exc:
+        url = None
+        reason = str(exc)
+    else:
+        reason = "it needs http:// or https:// and a host"
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        raise InvalidRequest(
+            f"invalid API URL {base_url!r}: {reason}",
+            hint="use a URL like http://127.0.0.1:7070 (--api-url or EMBER_API_URL)",
+            detail={"field": "api_url"},
+        )
+    return url
+
+
+class Client:
+    """A typed client of the control-plane API. Use as a context manager (or ``close()``)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None,
+        timeout: float = 10.0,
+        *,
+        retries: int = 2,
+        page_size: int = 100,
+        user_agent: str = USER_AGENT,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = str(check_base_url(base_url)).rstrip("/")
+        self.timeout = timeout
+        self.retries = retries
+        self.page_size = page_size
+        headers = {"User-Agent": user_agent, "Accept": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=timeout,
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- health ----------------------------------------------------------------------
+
+    def ready(self) -> w.Health:
+        return self._get("/readyz", w.Health)
+
+    # -- identity and tokens ---------------------------------------------------------
+
+    def whoami(self) -> w.WhoAmI:
+        return self._get("/v1/whoami", w.WhoAmI)
+
+    def iter_tokens(self) -> Iterator[w.Token]:
+        return self._pages("/v1/tokens", w.Token)
+
+    def list_tokens(self) -> list[w.Token]:
+        return list(self.iter_tokens())
+
+    def create_token(
+        self,
+        name: str,
+        *,
+        org: str | None = None,
+        app: str | None = None,
+        env: str | None = None,
+        capabilities: Sequence[Capability | str] | None = None,
+        expires_in_days: int | None = None,
+    ) -> w.TokenCreated:
+        """Create a token for the caller; the response holds the secret, once."""
+        fields: dict[str, Any] = {
+            "name": name,
+            "org": org,
+            "app": app,
+            "env": env,
+            "expires_in_days": expires_in_days,
+        }
+        if capabilities:
+            fields["capabilities"] = list(capabilities)
+        body = _body(w.TokenCreate, fields)
+        response = self._request("POST", "/v1/tokens", json=body)
+        return _parse(response, w.TokenCreated)
+
+    def revoke_token(self, token_id: str) -> None:
+        self._request("DELETE", path("v1", "tokens", token_id))
+
+    # -- orgs and members ------------------------------------------------------------
+
+    def iter_orgs(self) -> Iterator[w.Org]:
+        return self._pages("/v1/orgs", w.Org)
+
+    def list_orgs(self) -> list[w.Org]:
+        return list(self.iter_orgs())
+
+    def get_org(self, org: str) -> w.Org:
+        return self._get(path("v1", "orgs", org), w.Org)
+
+    def create_org(self, name: str) -> Created[w.Org]:
+        return self._create("/v1/orgs", w.OrgCreate, {"name": name}, w.Org)
+
+    def iter_members(self, org: str) -> Iterator[w.Member]:
+        return self._pages(path("v1", "orgs", org, "members"), w.Member)
+
+    def list_members(self, org: str) -> list[w.Member]:
+        return list(self.iter_members(org))
+
+    def set_member(self, org: str, email: str, role: Role | str) -> w.Member:
+        """Add a user to the org or change their role (idempotent)."""
+        body = _body(w.MemberAdd, {"email": email, "role": role})
+        response = self._request("POST", path("v1", "orgs", org, "members"), json=body)
+        return _parse(response, w.Member)
+
+    def remove_member(self, org: str, user_id: str) -> None:
+        self._request("DELETE", path("v1", "orgs", org, "members", user_id))
+
+    # -- apps ------------------------------------------------------------------------
+
+    def iter_apps(self, org: str) -> Iterator[w.App]:
+        return self._pages(path("v1", "orgs", org, "apps"), w.App)
+
+    def list_apps(self, org: str) -> list[w.App]:
+        return list(self.iter_apps(org))
+
+    def get_app(self, org: str, app: str) -> w.App:
+        return self._get(path("v1", "orgs", org, "apps", app), w.App)
+
+    def create_app(self, org: str, name: str) -> Created[w.App]:
+        return self._create(path("v1", "orgs", org, "apps"), w.AppCreate, {"name": name}, w.App)
+
+    def delete_app(self, org: str, app: str) -> None:
+        self._request("DELETE", path("v1", "orgs", org, "apps", app))
+
+    # -- environments ----------------------------------------------------------------
+
+    def iter_envs(self, org: str, app: str) -> Iterator[w.Env]:
+        return self._pages(path("v1", "orgs", org, "apps", app, "envs"), w.Env)
+
+    def list_envs(self, org: str, app: str) -> list[w.Env]:
+        return list(self.iter_envs(org, app))
+
+    def get_env(self, org: str, app: str, env: str) -> w.Env:
+        return self._get(path("v1", "orgs", org, "apps", app, "envs", env), w.Env)
+
+    def create_env(self, org: str, app: str, name: str) -> Created[w.Env]:
+        return self._create(
+            path("v1", "orgs", org, "apps", app, "envs"), w.EnvCreate, {"name": name}, w.Env
+        )
+
+    def delete_env(self, org: str, app: str, env: str) -> None:
+        self._request("DELETE", path("v1", "orgs", org, "apps", app, "envs", env))
+
+    # -- plumbing --------------------------------------------------------------------
+
+    def _get(self, url: str, model: type[M], params: Mapping[str, Any] | None = None) -> M:
+        return _parse(self._request("GET", url, params=params), model)
+
+    def _create(
+        self, url: str, body_model: type[w.Body], fields: dict[str, Any], model: type[M]
+    ) -> Created[M]:
+        response = self._request("POST", url, json=_body(body_model, fields))
+        return Created(_parse(response, model), created=response.status_code == 201)
+
+    def _pages(self, url: str, model: type[M]) -> Iterator[M]:
+        cursor: str | None = None
+        for _ in range(_MAX_PAGES):
+            params: dict[str, Any] = {"limit": self.page_size}
+            if cursor is not None:
+                params["cursor"] = cursor
+            data = _json(self._request("GET", url, params=params))
+            items = data.get("items") if isinstance(data, dict) else None
+            if not isinstance(items, list):
+                raise ApiInternal(f"unexpected page from {url}: no 'items' list")
+            for item in items:
+                yield _validate(model, item, url)
+            following = data.get("next_cursor")
+            # An empty page with a cursor is legal (the server may filter what a scoped
+            # token cannot see); only a missing or repeated cursor ends the walk.
+            if not following or following == cursor:
+                return
+            cursor = str(following)
+        raise ApiInternal(f"{url} returned more than {_MAX_PAGES} pages")
+
+    def build_request(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+    ) -> httpx.Request:
+        """The request as it will be sent (no I/O): auth, User-Agent, and on POST a fresh
+        ``Idempotency-Key`` that the retries of this one call reuse."""
+        headers = {"Idempotency-Key": str(uuid.uuid4())} if method == "POST" else {}
+        return self._http.build_request(method, url, params=params, json=json, headers=headers)
+
+    def _request(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+    ) -> httpx.Response:
+        response = self._send(self.build_request(method, url, params=params, json=json))
+        if response.status_code >= 400:
+            raise error_from_response(response.status_code, response.headers, response.content)
+        return response
+
+    def _send(self, request: httpx.Request) -> httpx.Response:
+        """Send, retrying only what cannot have reached the server or is safe to repeat
+        (every method we use is: GET and DELETE are idempotent, POST carries a key).
+        Timeouts are not retried: the caller chose how long to wait."""
+        for attempt in range(self.retries + 1):
+            try:
+                return self._http.send(request)
+            except httpx.UnsupportedProtocol as exc:
+                raise InvalidRequest(
+                    f"invalid API URL {self.base_url!r}: {exc}",
+                    hint="use a URL like http://127.0.0.1:7070 (--api-url or EMBER_API_URL)",
+                    detail={"field": "api_url"},
+                ) from exc
+            except httpx.TimeoutException as exc:
+                raise Unreachable(
+                    f"no answer from the control plane at {self.base_url} within "
+                    f"{self.timeout:g}s ({type(exc).__name__})",
+                    hint=UNREACHABLE_HINT,
+                    detail={"api_url": self.base_url},
+                ) from exc
+            except httpx.TransportError as exc:
+                if attempt < self.retries:
+                    time.sleep(0.05 * (attempt + 1))
+                    continue
+                raise Unreachable(
+                    f"cannot reach the control plane at {self.base_url}: {exc}",
+                    hint=UNREACHABLE_HINT,
+                    detail={"api_url": self.base_url},
+                ) from exc
+        raise AssertionError("unreachable")  # pragma: no cover - the loop always returns
+
+
+def _body(model: type[w.Body], fields: dict[str, Any]) -> dict[str, Any]:
+    """Check a request body against its wire model before sending it."""
+    try:
+        body = model.model_validate(fields)
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        raise InvalidRequest(
+            f"invalid {field}: {first.get('msg', 'invalid value')}",
+            hint="fix the value; nothing was sent",
+            detail={"field": field},
+        ) from exc
+    dumped: dict[str, Any] = body.model_dump(mode="json", exclude_none=True)
+    return dumped
+
+
+def _json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError as exc:
+        raise ApiInternal(
+            f"the API answered HTTP {response.status_code} with a body that is not JSON",
+            request_id=response.headers.get("x-request-id"),
+        ) from exc
+
+
+def _parse(response: httpx.Response, model: type[M]) -> M:
+    return _validate(model, _json(response), str(response.request.url.path))
+
+
+def _validate(model: type[M], data: Any, where: str) -> M:
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise ApiInternal(
+            f"unexpected answer from {where}: not a valid {model.__name__}",
+            hint="the CLI and the control plane may be different versions",
+            detail={"errors": exc.errors(include_url=False, include_context=False)},
+        ) from exc

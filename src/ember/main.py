@@ -12,7 +12,6 @@ from ember import __version__
 from ember.cli.exits import Exit, report
 from ember.core.errors import EmberError
 
-
 # Operator groups pull in the store, the API and psycopg: import them only when used,
 # so `ember apps list` starts fast.
 _LAZY = {

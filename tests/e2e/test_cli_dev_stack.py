@@ -94,8 +94,9 @@ def test_dev_up_creates_the_stack_once_and_is_idempotent(home: Path) -> None:
 
     events = [
         json.loads(line)
-        for line in ember(home, "admin", "events", "list", "--stream", "stack-local", "--json")
-        .stdout.splitlines()
+        for line in ember(
+            home, "admin", "events", "list", "--stream", "stack-local", "--json"
+        ).stdout.splitlines()
     ]
     assert [(e["stream_id"], e["stream_version"], e["type"]) for e in events] == [
         ("stack-local", 1, "stack.started"),
@@ -178,7 +179,8 @@ def test_dev_down_stops_and_then_commands_say_what_to_do(home: Path) -> None:
     down = ember(home, "dev", "down", "--json")
     assert down.returncode == 0
     assert json.loads(down.stdout) == {
-        "stopped": True, "services_stopped": {"api": True, "controller": True}
+        "stopped": True,
+        "services_stopped": {"api": True, "controller": True},
     }
     assert json.loads(ember(home, "dev", "down", "--json").stdout)["stopped"] is False
     proc = ember(home, "admin", "events", "list")

@@ -96,8 +96,7 @@ def _wait_ready(ops: OpsContext, sup: Supervisor, timeout: float = 60.0) -> None
             if httpx.get(_api_url(ops) + "/readyz", timeout=2).status_code == 200:
                 return
         time.sleep(0.2)
-    raise StackFailed("the API did not become ready in time",
-                      hint=f"see {sup.log_file('api')}")
+    raise StackFailed("the API did not become ready in time", hint=f"see {sup.log_file('api')}")
 
 
 def _ensure_admin(ops: OpsContext) -> str | None:
@@ -107,12 +106,21 @@ def _ensure_admin(ops: OpsContext) -> str | None:
         return None
     user = svc.ensure_user(ADMIN_EMAIL, "Local admin", actor="ember dev up")
     svc.create_org(None, ADMIN_ORG, owner_id=user["user_id"])
-    secret, _ = svc.issue_token(user["user_id"], "ember dev up", scope=Scope(),
-                                capabilities=frozenset(Capability), actor="ember dev up")
+    secret, _ = svc.issue_token(
+        user["user_id"],
+        "ember dev up",
+        scope=Scope(),
+        capabilities=frozenset(Capability),
+        actor="ember dev up",
+    )
     path = config_path(os.environ)
     current = load_file(path)
-    save_file(path, CliConfig(api_url=_api_url(ops), token=secret, org=ADMIN_ORG,
-                              app=current.app, env=current.env))
+    save_file(
+        path,
+        CliConfig(
+            api_url=_api_url(ops), token=secret, org=ADMIN_ORG, app=current.app, env=current.env
+        ),
+    )
     return secret
 
 

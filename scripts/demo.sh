@@ -6,33 +6,46 @@ cd "$(dirname "$0")/.."
 EMBER=.venv/bin/ember
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+expect_exit() {  # expect_exit CODE WHAT -- COMMAND...
+  local want=$1 what=$2; shift 3
+  set +e; "$@" >/dev/null 2>/tmp/ember-demo.err; local got=$?; set -e
+  printf '%-58s -> exit %s (%s)\n' "$what" "$got" "$(head -n1 /tmp/ember-demo.err)"
+  [ "$got" = "$want" ] || { echo "demo: expected exit $want" >&2; exit 1; }
+}
 
-step "Bringing up the single-node stack (embedded PostgreSQL, schema, projections)"
+# Put `ember` on PATH for the newcomer (root on a fresh machine): a symlink, nothing else.
+if [ -w /usr/local/bin ] && { [ ! -e /usr/local/bin/ember ] || [ -L /usr/local/bin/ember ]; }; then
+  ln -sf "$PWD/.venv/bin/ember" /usr/local/bin/ember
+fi
+
+step "Bringing up the single-node stack (PostgreSQL, schema, API, controller, local admin)"
 $EMBER dev up
 
-step "The event log: every change is an event (stream, version, commit-safe cursor)"
+step "Who am I? (the local admin's token was stored in the CLI config)"
+$EMBER whoami
+
+step "Apps: create (idempotent), list as JSON, show"
+$EMBER apps create hello
+$EMBER apps create hello
+$EMBER envs create prod --app hello
+$EMBER apps list --json
+$EMBER apps show hello
+
+step "Errors are clear and exit codes stable (docs/specs/cli.md)"
+expect_exit 3 "ember apps show nope" -- $EMBER apps show nope
+expect_exit 5 "ember whoami with a bad token" -- env EMBER_API_TOKEN=ember_pat_bad $EMBER whoami
+expect_exit 2 "ember apps create 'Bad Name'" -- $EMBER apps create "Bad Name"
+
+step "Every change is an event; views are projections of the log"
 $EMBER admin events list --limit 20
-
-step "A projected view built from the log: one row per stream"
-$EMBER admin events streams
-
-step "Projections and how far behind the log they are"
 $EMBER admin projections status
-
-step "Views are rebuildable: replay the log from zero and compare (changes nothing)"
 $EMBER admin projections verify
-
-step "Scriptable: the same data as JSON, with stable exit codes"
-$EMBER dev status --json
-set +e
-$EMBER admin events list --after not-a-cursor >/dev/null 2>&1
-echo "ember admin events list --after not-a-cursor  -> exit $? (2 = usage/validation error)"
-set -e
 
 cat <<'MSG'
 
-Ember's single-node stack is up. Try:
-  .venv/bin/ember admin events tail        # follow the event log live (Ctrl-C to stop)
-  .venv/bin/ember dev up                   # idempotent: appends another stack.started
-  .venv/bin/ember dev down                 # stop it (data stays in $EMBER_HOME)
+Ember's single-node stack is up (API on http://127.0.0.1:7070); `ember` is on your PATH. Try:
+  ember apps list                 # your apps in org 'local'
+  ember tokens create --name ci --org local --app hello --capability deploy
+  ember admin events tail         # follow the event log live (Ctrl-C to stop)
+  ember dev down                  # stop it (data stays in $EMBER_HOME)
 MSG

@@ -100,12 +100,19 @@ def _wait_ready(ops: OpsContext, sup: Supervisor, timeout: float = 60.0) -> None
 
 
 def _ensure_admin(ops: OpsContext) -> str | None:
-    """Create the local admin once; return its token when created now (shown once)."""
+    """Create the local admin once; return a token when one was issued now (shown once).
+
+    A new token is also issued when the admin exists but the CLI config has no token (the
+    config was deleted, or another machine user runs the CLI)."""
     svc = ops.tenancy()
-    if svc.user_by_email(ADMIN_EMAIL) is not None:
+    path = config_path(os.environ)
+    current = load_file(path)
+    user = svc.user_by_email(ADMIN_EMAIL)
+    if user is not None and current.token:
         return None
-    user = svc.ensure_user(ADMIN_EMAIL, "Local admin", actor="ember dev up")
-    svc.create_org(None, ADMIN_ORG, owner_id=user["user_id"])
+    if user is None:
+        user = svc.ensure_user(ADMIN_EMAIL, "Local admin", actor="ember dev up")
+        svc.create_org(None, ADMIN_ORG, owner_id=user["user_id"])
     secret, _ = svc.issue_token(
         user["user_id"],
         "ember dev up",
@@ -113,8 +120,6 @@ def _ensure_admin(ops: OpsContext) -> str | None:
         capabilities=frozenset(Capability),
         actor="ember dev up",
     )
-    path = config_path(os.environ)
-    current = load_file(path)
     save_file(
         path,
         CliConfig(

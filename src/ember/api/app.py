@@ -38,11 +38,17 @@ def create_app(settings: ApiSettings | None) -> FastAPI:
             yield
             return
         db = Database(settings.database_url, max_size=settings.pool_size)
+        # An Idempotency-Key's lock is held on one connection for the whole request while
+        # the work takes others: from the same pool, pool_size concurrent keyed requests
+        # would hold every connection and wait for one more until the pool times out.
+        locks = Database(settings.database_url, max_size=settings.pool_size)
         log = EventLog(db, REGISTRY)
         app.state.tenancy = Tenancy(db, log, ProjectionRunner(db, REGISTRY, all_projections()))
+        app.state.idempotency_locks = locks
         try:
             yield
         finally:
+            locks.close()
             db.close()
 
     app = FastAPI(

@@ -5,12 +5,14 @@ Status codes derive from an error's kind, never from its message; every code is 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from ember.core.errors import EmberError, Kind
 
@@ -54,10 +56,36 @@ def envelope(
     return {"error": body}
 
 
+def too_large_envelope(max_bytes: int) -> dict[str, Any]:
+    return envelope(
+        "request.too_large", f"request body exceeds {max_bytes} bytes", {"max_bytes": max_bytes}
+    )
+
+
+class BodyTooLarge(HTTPException):
+    """Raised by the edge middleware when a streamed body outgrows the limit. It must be an
+    HTTPException: FastAPI re-raises those from body parsing, but turns any other
+    exception there into a 400 "error parsing the body"."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"request body exceeds {max_bytes} bytes")
+        self.max_bytes = max_bytes
+
+
+class _ErrorJSON(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            # Messages echo the caller's input, and JSON can carry a lone surrogate
+            # ("\ud800") that UTF-8 cannot encode: escape it (still the same JSON).
+            return json.dumps(content, allow_nan=False, separators=(",", ":")).encode()
+
+
 def error_response(
     status: int, body: dict[str, Any], headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    return JSONResponse(body, status_code=status, headers=headers)
+    return _ErrorJSON(body, status_code=status, headers=headers)
 
 
 def install(app: FastAPI) -> None:
@@ -88,9 +116,37 @@ def install(app: FastAPI) -> None:
             ),
         )
 
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(_request: Request, exc: BodyTooLarge) -> JSONResponse:
+        return error_response(413, too_large_envelope(exc.max_bytes))
+
     @app.exception_handler(HTTPException)
-    async def _http(_request: Request, exc: HTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 400:
+            # FastAPI's answer to a body it cannot decode (not UTF-8, say): invalid input
+            # like malformed JSON (a 422), and 400 is not in the documented responses.
+            return error_response(
+                422,
+                envelope(
+                    "request.invalid",
+                    f"body: {exc.detail}",
+                    {"errors": [{"loc": "body", "msg": str(exc.detail), "type": "body_invalid"}]},
+                    "send a UTF-8 JSON body; see docs/specs/openapi.json",
+                ),
+            )
         code = _HTTP_CODES.get(exc.status_code, f"http.{exc.status_code}")
-        return error_response(
-            exc.status_code, envelope(code, str(exc.detail)), dict(exc.headers or {})
-        )
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route matching the path only; a path
+            # with one route per method (GET and POST /v1/orgs) needs them all.
+            headers["Allow"] = ", ".join(_allowed_methods(request))
+        return error_response(exc.status_code, envelope(code, str(exc.detail)), headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    routes = request.app.router.routes
+    return [
+        method
+        for method in ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+        if any(r.matches({**request.scope, "method": method})[0] == Match.FULL for r in routes)
+    ]

@@ -22,6 +22,8 @@ from ember.store.db import Database
 class IdempotencyContext:
     key: str | None
     request_hash: str
+    locks: Database | None = None
+    """Where the per-key lock is held: a pool apart from the one the work uses."""
 
 
 async def context(
@@ -35,7 +37,8 @@ async def context(
     digest = hashlib.sha256(
         request.method.encode() + b" " + request.url.path.encode() + b"\n" + body
     ).hexdigest()
-    return IdempotencyContext(idempotency_key or None, digest)
+    locks: Database | None = getattr(request.app.state, "idempotency_locks", None)
+    return IdempotencyContext(idempotency_key or None, digest, locks)
 
 
 Idem = Annotated[IdempotencyContext, Depends(context)]
@@ -58,7 +61,7 @@ def run(
         status, body = fn()
         return JSONResponse(body, status_code=status)
     lock = zlib.crc32(f"{who.token_id}\0{ctx.key}".encode())
-    with db.connection() as conn:
+    with (ctx.locks or db).connection() as conn:
         # A concurrent retry with the same key waits here for the first one's answer.
         conn.execute("SELECT pg_advisory_lock(1162, %s)", (lock - 2**31,))
         try:

@@ -16,7 +16,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ember.api.errors import envelope
+from ember.api.errors import BodyTooLarge, envelope, too_large_envelope
 
 log = logging.getLogger("ember.api.access")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
@@ -37,10 +37,6 @@ class Metrics:
             ["method", "route"],
             registry=self.registry,
         )
-
-
-class _TooLarge(Exception):
-    pass
 
 
 class EdgeMiddleware:
@@ -72,6 +68,25 @@ class EdgeMiddleware:
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
             await send(message)
 
+        if (
+            "\x00" in scope["path"]
+            or b"%00" in scope["query_string"]
+            or b"\x00" in scope["query_string"]
+            or any("\x00" in v for v in headers.values())
+        ):
+            # No name, id, cursor or key can hold a NUL, and Postgres text cannot store one.
+            await self._reply(
+                send_wrapper,
+                422,
+                envelope(
+                    "request.invalid",
+                    "the request path, query or headers contain a NUL character",
+                    hint="remove the NUL (%00) from the request",
+                ),
+            )
+            self._record(scope, status, started, request_id)
+            return
+
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body:
             await self._too_large(send_wrapper)
@@ -86,29 +101,26 @@ class EdgeMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body:
-                    raise _TooLarge
+                    raise BodyTooLarge(self.max_body)
             return message
 
         try:
             await self.app(scope, receive_wrapper, send_wrapper)
-        except _TooLarge:
+        except BodyTooLarge:  # raised outside FastAPI's routing (which answers it itself)
             if not sent_start:
                 await self._too_large(send_wrapper)
         finally:
             self._record(scope, status, started, request_id)
 
     async def _too_large(self, send: Send) -> None:
-        body = json.dumps(
-            envelope(
-                "request.too_large",
-                f"request body exceeds {self.max_body} bytes",
-                {"max_bytes": self.max_body},
-            )
-        ).encode()
+        await self._reply(send, 413, too_large_envelope(self.max_body))
+
+    async def _reply(self, send: Send, status: int, payload: dict[str, Any]) -> None:
+        body = json.dumps(payload).encode()
         await send(
             {
                 "type": "http.response.start",
-                "status": 413,
+                "status": status,
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),

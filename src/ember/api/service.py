@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from ember.core import tokens
 from ember.core.errors import Unavailable, ValidationFailed
 from ember.core.events import Cursor, EventData, Metadata, NewEvent, RecordedEvent
-from ember.core.ids import new_id
+from ember.core.ids import ENV_NAME_RE, NAME_RE, new_id
 from ember.core.tenancy import (
     AppCreated,
     AppDeleted,
@@ -77,11 +77,20 @@ class Tenancy:
         self, stream: str, version: int, events: list[EventData], actor: str
     ) -> Cursor | None:
         if not events:
+            self._settle(stream)
             return None
         meta = Metadata(actor=actor)
         result = self.log.append(stream, version, [NewEvent.of(e, meta) for e in events])
         self.sync(result.cursor)
         return result.cursor
+
+    def _settle(self, stream: str) -> None:
+        """A decision that writes nothing was taken on ``stream``'s events, which a
+        concurrent request may have appended but not yet folded: fold the view that far
+        before the caller reads it (else "exists" in the log reads as missing in the view)."""
+        events = self.log.read_stream(stream)
+        if events:
+            self.sync(events[-1].cursor)
 
     def sync(self, cursor: Cursor, timeout: float = 10.0) -> None:
         """Fold the tenancy view up to ``cursor`` (read-your-writes for the caller)."""
@@ -287,6 +296,7 @@ class Tenancy:
         state, version = self._load(stream, fold_org)
         if state.exists:
             if state.members.get(owner) == Role.OWNER:
+                self._settle(stream)
                 return self._org_row(owner, name)
             raise NameTaken(
                 f"the org name {name!r} is taken",
@@ -315,10 +325,16 @@ class Tenancy:
         return row
 
     def visible_org(self, who: Principal, name: str) -> Row:
-        row = self._one(
-            "SELECT o.*, m.role FROM view_orgs o JOIN view_members m ON m.org_id = o.org_id "
-            "AND m.user_id = %s WHERE o.name = %s",
-            [who.user_id, name],
+        # A string that is no valid name names nothing (and may not even be storable text:
+        # a NUL makes Postgres fail), so it is not looked up.
+        row = (
+            self._one(
+                "SELECT o.*, m.role FROM view_orgs o JOIN view_members m ON m.org_id = o.org_id "
+                "AND m.user_id = %s WHERE o.name = %s",
+                [who.user_id, name],
+            )
+            if NAME_RE.match(name)
+            else None
         )
         if row is None or not who.can_see(Scope(row["org_id"])):
             raise OrgNotFound(
@@ -327,10 +343,13 @@ class Tenancy:
         return row
 
     def list_orgs(self, who: Principal, after: str | None, limit: int) -> list[Row]:
+        # The token's scope filters in SQL, before LIMIT: filtering a page afterwards would
+        # shorten it, and a short page ends the listing (next_cursor is null).
         rows = self._all(
             "SELECT o.*, m.role FROM view_orgs o JOIN view_members m ON m.org_id = o.org_id "
-            "WHERE m.user_id = %s AND o.name > %s ORDER BY o.name LIMIT %s",
-            [who.user_id, after or "", limit],
+            "WHERE m.user_id = %s AND o.name > %s AND (%s::text IS NULL OR o.org_id = %s) "
+            "ORDER BY o.name LIMIT %s",
+            [who.user_id, after or "", who.scope.org_id, who.scope.org_id, limit],
         )
         return [r for r in rows if who.can_see(Scope(r["org_id"]))]
 
@@ -416,18 +435,23 @@ class Tenancy:
         stream = app_stream(org_row["org_id"], name)
         state, version = self._load(stream, fold_app)
         created = not state.exists
-        if created:
-            event = AppCreated(app_id=new_id("app"), org_id=org_row["org_id"], name=name)
-            self._commit(stream, version, [event], who.user_id)
+        events: list[EventData] = [
+            AppCreated(app_id=new_id("app"), org_id=org_row["org_id"], name=name)
+        ]
+        self._commit(stream, version, events if created else [], who.user_id)
         return self.visible_app(who, org, name), created
 
     def visible_app(self, who: Principal, org: str, name: str) -> Row:
         org_row = self.visible_org(who, org)
-        row = self._one(
-            "SELECT a.*, %s AS org_name, coalesce((SELECT array_agg(e.name ORDER BY e.name) "
-            "FROM view_envs e WHERE e.app_id = a.app_id), '{}') AS envs "
-            "FROM view_apps a WHERE a.org_id = %s AND a.name = %s",
-            [org, org_row["org_id"], name],
+        row = (
+            self._one(
+                "SELECT a.*, %s AS org_name, coalesce((SELECT array_agg(e.name ORDER BY e.name) "
+                "FROM view_envs e WHERE e.app_id = a.app_id), '{}') AS envs "
+                "FROM view_apps a WHERE a.org_id = %s AND a.name = %s",
+                [org, org_row["org_id"], name],
+            )
+            if NAME_RE.match(name)
+            else None
         )
         if row is None or not who.can_see(Scope(row["org_id"], row["app_id"])):
             raise AppNotFound(
@@ -442,8 +466,9 @@ class Tenancy:
         rows = self._all(
             "SELECT a.*, %s AS org_name, coalesce((SELECT array_agg(e.name ORDER BY e.name) "
             "FROM view_envs e WHERE e.app_id = a.app_id), '{}') AS envs "
-            "FROM view_apps a WHERE a.org_id = %s AND a.name > %s ORDER BY a.name LIMIT %s",
-            [org, org_row["org_id"], after or "", limit],
+            "FROM view_apps a WHERE a.org_id = %s AND a.name > %s "
+            "AND (%s::text IS NULL OR a.app_id = %s) ORDER BY a.name LIMIT %s",
+            [org, org_row["org_id"], after or "", who.scope.app_id, who.scope.app_id, limit],
         )
         return [r for r in rows if who.can_see(Scope(r["org_id"], r["app_id"]))]
 
@@ -473,9 +498,13 @@ class Tenancy:
 
     def visible_env(self, who: Principal, org: str, app: str, name: str) -> Row:
         app_row = self.visible_app(who, org, app)
-        row = self._one(
-            "SELECT e.*, %s AS app_name FROM view_envs e WHERE e.app_id = %s AND e.name = %s",
-            [app, app_row["app_id"], name],
+        row = (
+            self._one(
+                "SELECT e.*, %s AS app_name FROM view_envs e WHERE e.app_id = %s AND e.name = %s",
+                [app, app_row["app_id"], name],
+            )
+            if ENV_NAME_RE.match(name)
+            else None
         )
         if row is None or not who.can_see(Scope(app_row["org_id"], app_row["app_id"], name)):
             raise EnvNotFound(f"no environment {name!r} in app {app!r}", detail={"env": name})
@@ -487,8 +516,8 @@ class Tenancy:
         app_row = self.visible_app(who, org, app)
         rows = self._all(
             "SELECT e.*, %s AS app_name FROM view_envs e WHERE e.app_id = %s AND e.name > %s "
-            "ORDER BY e.name LIMIT %s",
-            [app, app_row["app_id"], after or "", limit],
+            "AND (%s::text IS NULL OR e.name = %s) ORDER BY e.name LIMIT %s",
+            [app, app_row["app_id"], after or "", who.scope.env, who.scope.env, limit],
         )
         return [
             r for r in rows if who.can_see(Scope(app_row["org_id"], app_row["app_id"], r["name"]))

@@ -232,7 +232,13 @@ def token_stream(token_id: str) -> str:
 def normalise_email(email: str) -> str:
     value = email.strip().lower() if isinstance(email, str) else ""
     local, _, domain = value.partition("@")
-    if not local or not domain or len(value) > 254 or any(c.isspace() for c in value):
+    if (
+        not local
+        or not domain
+        or len(value) > 254
+        or any(c.isspace() for c in value)
+        or not value.isprintable()  # NUL and other control characters
+    ):
         raise ValidationFailed(
             f"invalid email {email!r}",
             hint="use an address like ada@example.com",

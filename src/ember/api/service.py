@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from ember.core import tokens
-from ember.core.errors import Unavailable, ValidationFailed
+from ember.core.errors import ConcurrencyConflict, Unavailable, ValidationFailed
 from ember.core.events import Cursor, EventData, Metadata, NewEvent, RecordedEvent
 from ember.core.ids import ENV_NAME_RE, NAME_RE, new_id
 from ember.core.tenancy import (
@@ -59,6 +59,7 @@ from ember.store.projections import ProjectionRunner
 S = TypeVar("S")
 Row = dict[str, Any]
 PROJECTION = "tenancy"
+_DECIDE_ATTEMPTS = 5
 
 
 class Tenancy:
@@ -83,6 +84,27 @@ class Tenancy:
         result = self.log.append(stream, version, [NewEvent.of(e, meta) for e in events])
         self.sync(result.cursor)
         return result.cursor
+
+    def _decide(
+        self,
+        stream: str,
+        fold: Callable[[Iterable[RecordedEvent]], S],
+        decide: Callable[[S], list[EventData]],
+        actor: str,
+    ) -> tuple[S, list[EventData]]:
+        """Load, decide, append at the version read; on a concurrent change, decide again
+        on the new state (so racing identical requests all succeed, none answers 409)."""
+        for attempt in range(_DECIDE_ATTEMPTS):
+            state, version = self._load(stream, fold)
+            events = decide(state)
+            try:
+                self._commit(stream, version, events, actor)
+            except ConcurrencyConflict:
+                if attempt == _DECIDE_ATTEMPTS - 1:
+                    raise
+                continue
+            return state, events
+        raise AssertionError("unreachable")
 
     def _settle(self, stream: str) -> None:
         """A decision that writes nothing was taken on ``stream``'s events, which a
@@ -158,10 +180,14 @@ class Tenancy:
 
     def ensure_user(self, email: str, name: str = "", *, actor: str = "system") -> Row:
         email = normalise_email(email)
-        stream = user_stream(email)
-        if self.log.stream_version(stream) == 0:
-            user = UserCreated(user_id=new_id("usr"), email=email, name=name)
-            self._commit(stream, 0, [user], actor)
+        self._decide(
+            user_stream(email),
+            lambda events: any(True for _ in events),
+            lambda exists: (
+                [] if exists else [UserCreated(user_id=new_id("usr"), email=email, name=name)]
+            ),
+            actor,
+        )
         row = self._one("SELECT * FROM view_users WHERE email = %s", [email])
         assert row is not None
         return row
@@ -272,18 +298,36 @@ class Tenancy:
         row = self.token(token_id)
         if row is None or row["user_id"] != who.user_id:
             raise TokenNotFound(f"no token {token_id!r}", detail={"token": token_id})
+        target = Scope(row["org_id"], row["app_id"], row["env"])
+        wider = not who.scope.contains(target) or not set(row["capabilities"]) <= who.capabilities
+        if token_id != who.token_id and wider:
+            raise Forbidden(
+                "a token can revoke itself and tokens no wider than itself",
+                hint="revoke it with a token whose scope and capabilities cover it",
+                detail={"token": token_id},
+            )
         if row["revoked_at"] is None:
-            stream = token_stream(token_id)
-            version = self.log.stream_version(stream)
-            self._commit(stream, version, [TokenRevoked(token_id=token_id)], who.user_id)
+            self._decide(
+                token_stream(token_id),
+                list,
+                lambda seen: (
+                    []
+                    if any(e.type == "token.revoked" for e in seen)
+                    else [TokenRevoked(token_id=token_id)]
+                ),
+                who.user_id,
+            )
             row = self.token(token_id)
             assert row is not None
         return row
 
     # -- orgs and members --------------------------------------------------------------
 
-    def create_org(self, who: Principal | None, name: str, *, owner_id: str | None = None) -> Row:
-        """Create an org owned by the caller; the same call again answers the same org."""
+    def create_org(
+        self, who: Principal | None, name: str, *, owner_id: str | None = None
+    ) -> tuple[Row, bool]:
+        """Create an org owned by the caller; return it and whether it was created now.
+        The same call again answers the same org."""
         check_name(name, "name")
         owner = who.user_id if who else owner_id
         assert owner is not None
@@ -292,28 +336,24 @@ class Tenancy:
                 "creating an org needs a token that is not limited to an org",
                 hint="create one with 'ember tokens create --name NAME' from an unscoped token",
             )
-        stream = org_stream(name)
-        state, version = self._load(stream, fold_org)
-        if state.exists:
+
+        def decide(state: OrgState) -> list[EventData]:
+            if not state.exists:
+                org_id = new_id("org")
+                return [
+                    OrgCreated(org_id=org_id, name=name, owner_user_id=owner),
+                    *decide_add_member(OrgState(org_id, name, {}), owner, Role.OWNER),
+                ]
             if state.members.get(owner) == Role.OWNER:
-                self._settle(stream)
-                return self._org_row(owner, name)
+                return []
             raise NameTaken(
                 f"the org name {name!r} is taken",
                 hint="pick another name",
                 detail={"field": "name"},
             )
-        org_id = new_id("org")
-        self._commit(
-            stream,
-            version,
-            [
-                OrgCreated(org_id=org_id, name=name, owner_user_id=owner),
-                *decide_add_member(OrgState(org_id, name, {}), owner, Role.OWNER),
-            ],
-            owner,
-        )
-        return self._org_row(owner, name)
+
+        _, events = self._decide(org_stream(name), fold_org, decide, owner)
+        return self._org_row(owner, name), bool(events)
 
     def _org_row(self, user_id: str, name: str) -> Row:
         row = self._one(
@@ -379,35 +419,44 @@ class Tenancy:
                 hint="an operator creates users: 'ember admin create-user'",
                 detail={"email": email},
             )
-        stream = org_stream(org)
-        state, version = self._load(stream, fold_org)
-        touches_owner = role == Role.OWNER or state.members.get(user["user_id"]) == Role.OWNER
-        if touches_owner and who.roles.get(org_row["org_id"]) != Role.OWNER:
-            raise Forbidden(
-                "only an owner can grant or change the owner role", detail={"role": role.value}
-            )
-        self._commit(stream, version, decide_add_member(state, user["user_id"], role), who.user_id)
+
+        def decide(state: OrgState) -> list[EventData]:
+            touches_owner = role == Role.OWNER or state.members.get(user["user_id"]) == Role.OWNER
+            if touches_owner and who.roles.get(org_row["org_id"]) != Role.OWNER:
+                raise Forbidden(
+                    "only an owner can grant or change the owner role",
+                    detail={"role": role.value},
+                )
+            return decide_add_member(state, user["user_id"], role)
+
+        self._decide(org_stream(org), fold_org, decide, who.user_id)
         return self._member(org_row["org_id"], user["user_id"])
 
     def remove_member(self, who: Principal, org: str, user_id: str) -> None:
         org_row = self.visible_org(who, org)
+        # Rights first: a caller who may not manage members learns nothing about them.
+        self._require(who, Capability.ADMIN, Scope(org_row["org_id"]), "manage members")
         member = self._member(org_row["org_id"], user_id, missing_ok=True)
         if member is None:
             raise MemberNotFound(f"no member {user_id!r} in {org!r}", detail={"user_id": user_id})
-        self._require(who, Capability.ADMIN, Scope(org_row["org_id"]), "manage members")
-        if member["role"] == Role.OWNER and who.roles.get(org_row["org_id"]) != Role.OWNER:
-            raise Forbidden("only an owner can remove an owner")
-        stream = org_stream(org)
-        state, version = self._load(stream, fold_org)
-        self._commit(stream, version, decide_remove_member(state, user_id), who.user_id)
+
+        def decide(state: OrgState) -> list[EventData]:
+            is_owner = state.members.get(user_id) == Role.OWNER
+            if is_owner and who.roles.get(org_row["org_id"]) != Role.OWNER:
+                raise Forbidden("only an owner can remove an owner")
+            return decide_remove_member(state, user_id)
+
+        self._decide(org_stream(org), fold_org, decide, who.user_id)
 
     def operator_set_member(self, org: str, user_id: str, role: Role, actor: str) -> None:
         """For operators (`ember admin`): no principal, no authorisation."""
-        stream = org_stream(org)
-        state, version = self._load(stream, fold_org)
-        if not state.exists:
-            raise OrgNotFound(f"no org {org!r}", detail={"org": org})
-        self._commit(stream, version, decide_add_member(state, user_id, role), actor)
+
+        def decide(state: OrgState) -> list[EventData]:
+            if not state.exists:
+                raise OrgNotFound(f"no org {org!r}", detail={"org": org})
+            return decide_add_member(state, user_id, role)
+
+        self._decide(org_stream(org), fold_org, decide, actor)
 
     def org_by_name(self, name: str) -> Row | None:
         return self._one("SELECT * FROM view_orgs WHERE name = %s", [name])
@@ -432,14 +481,17 @@ class Tenancy:
         check_name(name, "name")
         org_row = self.visible_org(who, org)
         self._require(who, Capability.ADMIN, Scope(org_row["org_id"]), "create apps")
-        stream = app_stream(org_row["org_id"], name)
-        state, version = self._load(stream, fold_app)
-        created = not state.exists
-        events: list[EventData] = [
-            AppCreated(app_id=new_id("app"), org_id=org_row["org_id"], name=name)
-        ]
-        self._commit(stream, version, events if created else [], who.user_id)
-        return self.visible_app(who, org, name), created
+        _, events = self._decide(
+            app_stream(org_row["org_id"], name),
+            fold_app,
+            lambda state: (
+                []
+                if state.exists
+                else [AppCreated(app_id=new_id("app"), org_id=org_row["org_id"], name=name)]
+            ),
+            who.user_id,
+        )
+        return self.visible_app(who, org, name), bool(events)
 
     def visible_app(self, who: Principal, org: str, name: str) -> Row:
         org_row = self.visible_org(who, org)
@@ -475,11 +527,16 @@ class Tenancy:
     def delete_app(self, who: Principal, org: str, name: str) -> None:
         app = self.visible_app(who, org, name)
         self._require(who, Capability.ADMIN, Scope(app["org_id"], app["app_id"]), "delete apps")
-        stream = app_stream(app["org_id"], name)
-        state, version = self._load(stream, fold_app)
-        if state.exists:
-            event = AppDeleted(app_id=app["app_id"], org_id=app["org_id"])
-            self._commit(stream, version, [event], who.user_id)
+        self._decide(
+            app_stream(app["org_id"], name),
+            fold_app,
+            lambda state: (
+                [AppDeleted(app_id=app["app_id"], org_id=app["org_id"])]
+                if state.app_id == app["app_id"]
+                else []
+            ),
+            who.user_id,
+        )
 
     def create_env(self, who: Principal, org: str, app: str, name: str) -> tuple[Row, bool]:
         check_name(name, "name", env=True)
@@ -490,10 +547,12 @@ class Tenancy:
             Scope(app_row["org_id"], app_row["app_id"]),
             "create environments",
         )
-        stream = app_stream(app_row["org_id"], app)
-        state, version = self._load(stream, fold_app)
-        events = decide_create_env(state, name)
-        self._commit(stream, version, events, who.user_id)
+        _, events = self._decide(
+            app_stream(app_row["org_id"], app),
+            fold_app,
+            lambda state: decide_create_env(state, name) if state.exists else [],
+            who.user_id,
+        )
         return self.visible_env(who, org, app, name), bool(events)
 
     def visible_env(self, who: Principal, org: str, app: str, name: str) -> Row:
@@ -532,6 +591,9 @@ class Tenancy:
             Scope(app_row["org_id"], app_row["app_id"], env["name"]),
             "delete environments",
         )
-        stream = app_stream(app_row["org_id"], app)
-        state, version = self._load(stream, fold_app)
-        self._commit(stream, version, decide_delete_env(state, name), who.user_id)
+        self._decide(
+            app_stream(app_row["org_id"], app),
+            fold_app,
+            lambda state: decide_delete_env(state, name) if state.exists else [],
+            who.user_id,
+        )

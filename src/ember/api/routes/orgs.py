@@ -24,9 +24,8 @@ def list_orgs(svc: Svc, who: Who, page: Paging) -> w.Page[w.Org]:
 @router.post("", response_model=w.Org, status_code=201, responses={200: {"model": w.Org}, **ERRORS})
 def create_org(body: w.OrgCreate, svc: Svc, who: Who, idem: idempotency.Idem) -> Response:
     def go() -> tuple[int, object]:
-        existed = any(o["name"] == body.name for o in svc.list_orgs(who, None, 1000))
-        row = svc.create_org(who, body.name)
-        return (200 if existed else 201), convert.dump(convert.org(row))
+        row, created = svc.create_org(who, body.name)
+        return (201 if created else 200), convert.dump(convert.org(row))
 
     return idempotency.run(svc.db, idem, who, go)
 

@@ -93,6 +93,27 @@ CREATE TABLE public.view_orgs (
     created_at timestamp with time zone NOT NULL
 );
 
+CREATE TABLE public.view_releases (
+    app_id text NOT NULL,
+    env text NOT NULL,
+    version integer NOT NULL,
+    repository text NOT NULL,
+    image_digest text NOT NULL,
+    manifest_hash text NOT NULL,
+    manifest jsonb NOT NULL,
+    secrets_version integer NOT NULL,
+    author text NOT NULL,
+    reason text NOT NULL,
+    rollback_of integer,
+    status text NOT NULL,
+    created_at timestamp with time zone NOT NULL
+);
+
+CREATE TABLE public.view_releases_streams (
+    stream_id text NOT NULL,
+    version bigint NOT NULL
+);
+
 CREATE TABLE public.view_streams (
     stream_id text NOT NULL,
     kind text NOT NULL,
@@ -169,6 +190,12 @@ ALTER TABLE ONLY public.view_orgs
 ALTER TABLE ONLY public.view_orgs
     ADD CONSTRAINT view_orgs_pkey PRIMARY KEY (org_id);
 
+ALTER TABLE ONLY public.view_releases
+    ADD CONSTRAINT view_releases_pkey PRIMARY KEY (app_id, env, version);
+
+ALTER TABLE ONLY public.view_releases_streams
+    ADD CONSTRAINT view_releases_streams_pkey PRIMARY KEY (stream_id);
+
 ALTER TABLE ONLY public.view_streams
     ADD CONSTRAINT view_streams_pkey PRIMARY KEY (stream_id);
 
@@ -190,6 +217,8 @@ ALTER TABLE ONLY public.view_users
 CREATE INDEX events_xid_position_idx ON public.events USING btree (xid, "position");
 
 CREATE INDEX view_members_user_idx ON public.view_members USING btree (user_id);
+
+CREATE INDEX view_releases_digest_idx ON public.view_releases USING btree (image_digest);
 
 CREATE INDEX view_tokens_user_idx ON public.view_tokens USING btree (user_id);
 

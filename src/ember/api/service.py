@@ -75,30 +75,37 @@ class Tenancy:
         return fold(events), (events[-1].stream_version if events else 0)
 
     def _commit(
-        self, stream: str, version: int, events: list[EventData], actor: str
+        self,
+        stream: str,
+        version: int,
+        events: list[EventData],
+        actor: str,
+        projection: str = PROJECTION,
     ) -> Cursor | None:
         if not events:
-            self._settle(stream)
+            self._settle(stream, projection)
             return None
         meta = Metadata(actor=actor)
         result = self.log.append(stream, version, [NewEvent.of(e, meta) for e in events])
-        self.sync(result.cursor)
+        self.sync(result.cursor, projection)
         return result.cursor
 
-    def _decide(
+    def execute(
         self,
         stream: str,
         fold: Callable[[Iterable[RecordedEvent]], S],
         decide: Callable[[S], list[EventData]],
         actor: str,
+        projection: str = PROJECTION,
     ) -> tuple[S, list[EventData]]:
         """Load, decide, append at the version read; on a concurrent change, decide again
-        on the new state (so racing identical requests all succeed, none answers 409)."""
+        on the new state (so racing identical requests all succeed, none answers 409).
+        Returns the state decided on and the events written."""
         for attempt in range(_DECIDE_ATTEMPTS):
             state, version = self._load(stream, fold)
             events = decide(state)
             try:
-                self._commit(stream, version, events, actor)
+                self._commit(stream, version, events, actor, projection)
             except ConcurrencyConflict:
                 if attempt == _DECIDE_ATTEMPTS - 1:
                     raise
@@ -106,20 +113,20 @@ class Tenancy:
             return state, events
         raise AssertionError("unreachable")
 
-    def _settle(self, stream: str) -> None:
+    def _settle(self, stream: str, projection: str = PROJECTION) -> None:
         """A decision that writes nothing was taken on ``stream``'s events, which a
         concurrent request may have appended but not yet folded: fold the view that far
         before the caller reads it (else "exists" in the log reads as missing in the view)."""
         events = self.log.read_stream(stream)
         if events:
-            self.sync(events[-1].cursor)
+            self.sync(events[-1].cursor, projection)
 
-    def sync(self, cursor: Cursor, timeout: float = 10.0) -> None:
-        """Fold the tenancy view up to ``cursor`` (read-your-writes for the caller)."""
+    def sync(self, cursor: Cursor, projection: str = PROJECTION, timeout: float = 10.0) -> None:
+        """Fold ``projection`` up to ``cursor`` (read-your-writes for the caller)."""
         deadline = time.monotonic() + timeout
         while True:
-            self.runner.catch_up(PROJECTION)
-            if self.runner.cursor(PROJECTION) >= cursor:
+            self.runner.catch_up(projection)
+            if self.runner.cursor(projection) >= cursor:
                 return
             if time.monotonic() > deadline:
                 raise Unavailable(
@@ -135,6 +142,10 @@ class Tenancy:
             if row is None:
                 return None
             return dict(zip([c.name for c in cur.description or ()], row, strict=True))
+
+    def query(self, sql: str, params: Iterable[Any]) -> list[Row]:
+        """Rows of a read-only query on the views, as dicts."""
+        return self._all(sql, params)
 
     def _all(self, sql: str, params: Iterable[Any]) -> list[Row]:
         with self.db.connection() as conn, conn.cursor() as cur:
@@ -180,7 +191,7 @@ class Tenancy:
 
     def ensure_user(self, email: str, name: str = "", *, actor: str = "system") -> Row:
         email = normalise_email(email)
-        self._decide(
+        self.execute(
             user_stream(email),
             lambda events: any(True for _ in events),
             lambda exists: (
@@ -307,7 +318,7 @@ class Tenancy:
                 detail={"token": token_id},
             )
         if row["revoked_at"] is None:
-            self._decide(
+            self.execute(
                 token_stream(token_id),
                 list,
                 lambda seen: (
@@ -352,7 +363,7 @@ class Tenancy:
                 detail={"field": "name"},
             )
 
-        _, events = self._decide(org_stream(name), fold_org, decide, owner)
+        _, events = self.execute(org_stream(name), fold_org, decide, owner)
         return self._org_row(owner, name), bool(events)
 
     def _org_row(self, user_id: str, name: str) -> Row:
@@ -393,7 +404,7 @@ class Tenancy:
         )
         return [r for r in rows if who.can_see(Scope(r["org_id"]))]
 
-    def _require(self, who: Principal, cap: Capability, target: Scope, what: str) -> None:
+    def require(self, who: Principal, cap: Capability, target: Scope, what: str) -> None:
         if not who.can(cap, target):
             raise Forbidden(
                 f"your token may not {what}",
@@ -411,7 +422,7 @@ class Tenancy:
 
     def set_member(self, who: Principal, org: str, email: str, role: Role) -> Row:
         org_row = self.visible_org(who, org)
-        self._require(who, Capability.ADMIN, Scope(org_row["org_id"]), "manage members")
+        self.require(who, Capability.ADMIN, Scope(org_row["org_id"]), "manage members")
         user = self.user_by_email(email)
         if user is None:
             raise UserNotFound(
@@ -429,13 +440,13 @@ class Tenancy:
                 )
             return decide_add_member(state, user["user_id"], role)
 
-        self._decide(org_stream(org), fold_org, decide, who.user_id)
+        self.execute(org_stream(org), fold_org, decide, who.user_id)
         return self._member(org_row["org_id"], user["user_id"])
 
     def remove_member(self, who: Principal, org: str, user_id: str) -> None:
         org_row = self.visible_org(who, org)
         # Rights first: a caller who may not manage members learns nothing about them.
-        self._require(who, Capability.ADMIN, Scope(org_row["org_id"]), "manage members")
+        self.require(who, Capability.ADMIN, Scope(org_row["org_id"]), "manage members")
         member = self._member(org_row["org_id"], user_id, missing_ok=True)
         if member is None:
             raise MemberNotFound(f"no member {user_id!r} in {org!r}", detail={"user_id": user_id})
@@ -446,7 +457,7 @@ class Tenancy:
                 raise Forbidden("only an owner can remove an owner")
             return decide_remove_member(state, user_id)
 
-        self._decide(org_stream(org), fold_org, decide, who.user_id)
+        self.execute(org_stream(org), fold_org, decide, who.user_id)
 
     def operator_set_member(self, org: str, user_id: str, role: Role, actor: str) -> None:
         """For operators (`ember admin`): no principal, no authorisation."""
@@ -456,7 +467,7 @@ class Tenancy:
                 raise OrgNotFound(f"no org {org!r}", detail={"org": org})
             return decide_add_member(state, user_id, role)
 
-        self._decide(org_stream(org), fold_org, decide, actor)
+        self.execute(org_stream(org), fold_org, decide, actor)
 
     def org_by_name(self, name: str) -> Row | None:
         return self._one("SELECT * FROM view_orgs WHERE name = %s", [name])
@@ -480,8 +491,8 @@ class Tenancy:
         """Create an app; return it and whether it was created now (False: it existed)."""
         check_name(name, "name")
         org_row = self.visible_org(who, org)
-        self._require(who, Capability.ADMIN, Scope(org_row["org_id"]), "create apps")
-        _, events = self._decide(
+        self.require(who, Capability.ADMIN, Scope(org_row["org_id"]), "create apps")
+        _, events = self.execute(
             app_stream(org_row["org_id"], name),
             fold_app,
             lambda state: (
@@ -526,8 +537,8 @@ class Tenancy:
 
     def delete_app(self, who: Principal, org: str, name: str) -> None:
         app = self.visible_app(who, org, name)
-        self._require(who, Capability.ADMIN, Scope(app["org_id"], app["app_id"]), "delete apps")
-        self._decide(
+        self.require(who, Capability.ADMIN, Scope(app["org_id"], app["app_id"]), "delete apps")
+        self.execute(
             app_stream(app["org_id"], name),
             fold_app,
             lambda state: (
@@ -541,13 +552,13 @@ class Tenancy:
     def create_env(self, who: Principal, org: str, app: str, name: str) -> tuple[Row, bool]:
         check_name(name, "name", env=True)
         app_row = self.visible_app(who, org, app)
-        self._require(
+        self.require(
             who,
             Capability.ADMIN,
             Scope(app_row["org_id"], app_row["app_id"]),
             "create environments",
         )
-        _, events = self._decide(
+        _, events = self.execute(
             app_stream(app_row["org_id"], app),
             fold_app,
             lambda state: decide_create_env(state, name) if state.exists else [],
@@ -585,13 +596,13 @@ class Tenancy:
     def delete_env(self, who: Principal, org: str, app: str, name: str) -> None:
         env = self.visible_env(who, org, app, name)
         app_row = self.visible_app(who, org, app)
-        self._require(
+        self.require(
             who,
             Capability.ADMIN,
             Scope(app_row["org_id"], app_row["app_id"], env["name"]),
             "delete environments",
         )
-        self._decide(
+        self.execute(
             app_stream(app_row["org_id"], app),
             fold_app,
             lambda state: decide_delete_env(state, name) if state.exists else [],

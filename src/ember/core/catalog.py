@@ -6,11 +6,12 @@ validates appends and upcasts reads against this one registry.
 
 from __future__ import annotations
 
-from ember.core import tenancy
+from ember.core import releases, tenancy
 from ember.core.events import EventData, EventRegistry
 
 REGISTRY = EventRegistry()
 REGISTRY.include(tenancy.REGISTRY)
+REGISTRY.include(releases.REGISTRY)
 
 
 @REGISTRY.register

@@ -1,0 +1,46 @@
+"""The ``releases`` projection: one row per release, with which one is live per env."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from ember.core.events import RecordedEvent
+
+
+class ReleasesProjection:
+    name = "releases"
+    tables = ("view_releases_streams", "view_releases")
+
+    def apply(self, cur: psycopg.Cursor[Any], event: RecordedEvent) -> None:
+        if not event.stream_id.startswith("releases-"):
+            return
+        cur.execute(
+            """INSERT INTO view_releases_streams AS s VALUES (%s, %s)
+               ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version
+               WHERE s.version < EXCLUDED.version
+               RETURNING 1""",
+            (event.stream_id, event.stream_version),
+        )
+        if cur.fetchone() is None:
+            return  # already folded
+        d = event.data
+        if event.type == "release.created":
+            cur.execute(
+                """INSERT INTO view_releases VALUES
+                   (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'created', %s)""",
+                (
+                    d["app_id"], d["env"], d["version"], d["repository"], d["image_digest"],
+                    d["manifest_hash"], Jsonb(d["manifest"]), d.get("secrets_version", 0),
+                    d["author"], d["reason"], d.get("rollback_of"), event.recorded_at,
+                ),
+            )
+        elif event.type == "release.promoted":
+            cur.execute(
+                """UPDATE view_releases SET status = CASE WHEN version = %s THEN 'active'
+                                                         ELSE 'superseded' END
+                   WHERE app_id = %s AND env = %s AND (version = %s OR status = 'active')""",
+                (d["version"], d["app_id"], d["env"], d["version"]),
+            )

@@ -39,6 +39,11 @@ $(addprefix bench-,$(BENCHES)): bench-%: bootstrap
 openapi: bootstrap  ## regenerate docs/specs/openapi.json from the API
 	$(PY) -m ember.api.openapi docs/specs/openapi.json
 
+.PHONY: manifest-schema
+manifest-schema: bootstrap  ## regenerate docs/specs/manifest.schema.json from the manifest model
+	$(BIN)/ember manifest schema > docs/specs/manifest.schema.json.tmp
+	mv docs/specs/manifest.schema.json.tmp docs/specs/manifest.schema.json
+
 schema: bootstrap  ## regenerate docs/specs/db-schema.sql from the migrations
 	$(PY) -m tests.support.schema_snapshot --write docs/specs/db-schema.sql
 

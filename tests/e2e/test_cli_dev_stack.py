@@ -34,18 +34,19 @@ def ember(
 
 
 def stack_env(home: Path) -> dict[str, str]:
-    """A private stack: its own home, CLI config and API port."""
+    """A private stack: its own home, CLI config, API port and registry port."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("EMBER_")}
     return {
         **base,
         "EMBER_HOME": str(home),
         "EMBER_CONFIG": str(home / "cli.toml"),
         "EMBER_API_PORT": str(_port_for(home)),
+        "EMBER_REGISTRY_PORT": str(_port_for(home, ".registry-port")),
     }
 
 
-def _port_for(home: Path) -> int:
-    cached = home / ".port"
+def _port_for(home: Path, name: str = ".port") -> int:
+    cached = home / name
     if cached.exists():
         return int(cached.read_text())
     with socket.socket() as s:
@@ -79,18 +80,24 @@ def test_dev_up_creates_the_stack_once_and_is_idempotent(home: Path) -> None:
     assert info["admin_token"].startswith("ember_pat_")
     config = (home / "cli.toml").read_text()
     assert info["admin_token"] in config and 'org = "local"' in config
-    assert info["services_started"] == {"api": True, "controller": True}
+    assert info["services_started"] == {"api": True, "controller": True, "registry": True}
+    registry_url = info["registry_url"]
+    assert registry_url == f"http://127.0.0.1:{stack_env(home)['EMBER_REGISTRY_PORT']}"
 
     again = json.loads(ember(home, "dev", "up", "--json").stdout)
     assert again["postgres_created"] is False and again["postgres_started"] is False
     assert again["migrations_applied"] == []
     assert again["admin_token"] is None
-    assert again["services_started"] == {"api": False, "controller": False}
+    assert again["services_started"] == {"api": False, "controller": False, "registry": False}
     status = json.loads(ember(home, "dev", "status", "--json").stdout)
-    assert status["services"] == {"api": True, "controller": True}
+    assert status["services"] == {"api": True, "controller": True, "registry": True}
     import httpx
 
     assert httpx.get(status["api_url"] + "/readyz").json() == {"status": "ready"}
+    # The embedded registry answers the distribution API and stores under EMBER_HOME.
+    assert httpx.get(registry_url + "/v2/").status_code == 200
+    assert (home / "registry" / "config.yml").exists()
+    assert (home / "registry" / "data").is_dir()
 
     events = [
         json.loads(line)
@@ -180,7 +187,7 @@ def test_dev_down_stops_and_then_commands_say_what_to_do(home: Path) -> None:
     assert down.returncode == 0
     assert json.loads(down.stdout) == {
         "stopped": True,
-        "services_stopped": {"api": True, "controller": True},
+        "services_stopped": {"api": True, "controller": True, "registry": True},
     }
     assert json.loads(ember(home, "dev", "down", "--json").stdout)["stopped"] is False
     proc = ember(home, "admin", "events", "list")

@@ -82,7 +82,15 @@ def real_names(world: World) -> dict[str, str]:
         {"email": world.member_email, "role": "viewer"},
     )
     victim = api.call("POST", "/v1/tokens", t.token, 201, {"name": "victim"})
+    # Two releases with different images, so a rollback always has somewhere to go.
+    for digest in (DIGESTS[0], DIGESTS[1]):
+        api.client.post(
+            f"/v1/orgs/{t.org}/apps/{t.app}/envs/{t.env}/releases",
+            json=release_body(t.app, digest),
+            headers=t.headers,
+        )
     return {
+        "version": "1",
         "org": t.org,
         "app": t.app,
         "env": t.env,
@@ -146,8 +154,20 @@ def test_operation_conforms_and_never_fails(
     assert world.setup.client.get("/v1/whoami", headers=headers).status_code == 200
 
 
+DIGESTS = ("sha256:" + "1" * 64, "sha256:" + "2" * 64)
+
+
+def release_body(app: str, digest: str) -> dict[str, Any]:
+    manifest = f'schema_version = 1\napp = "{app}"\n[processes]\nweb = "httpd -f -p 8080"\n'
+    return {"image": {"repository": "fuzz/app", "digest": digest}, "manifest": manifest}
+
+
 def valid_body(method: str, path: str, world: World) -> dict[str, Any] | None:
     return {
+        ("POST", "/v1/orgs/{org}/apps/{app}/envs/{env}/releases"): release_body(
+            world.tenant.app, "sha256:" + "3" * 64
+        ),
+        ("POST", "/v1/orgs/{org}/apps/{app}/envs/{env}/rollback"): {},
         ("POST", "/v1/orgs"): {"name": "fuzzed-org"},
         ("POST", "/v1/orgs/{org}/apps"): {"name": "fuzzed-app"},
         ("POST", "/v1/orgs/{org}/apps/{app}/envs"): {"name": "fuzzed"},

@@ -78,9 +78,26 @@ def request_body(op: dict[str, Any], values: dict[str, str]) -> Any:
     return body
 
 
+DIGEST = "sha256:" + "1" * 64
+
+
+def manifest_for(app: str) -> str:
+    return f'''schema_version = 1
+app = "{app}"
+[processes]
+web = "httpd -f -p 8080"
+'''
+
+
 def probes(b: Tenant) -> list[Probe]:
-    params = {"org": b.org, "app": b.app, "env": b.env, "user_id": b.user_id}
-    fields = {"name": "probe", "email": b.email, "role": "viewer"}
+    params = {"org": b.org, "app": b.app, "env": b.env, "user_id": b.user_id, "version": "1"}
+    fields = {
+        "name": "probe",
+        "email": b.email,
+        "role": "viewer",
+        "image": {"repository": f"{b.org}/{b.app}", "digest": DIGEST},
+        "manifest": manifest_for(b.app),
+    }
     out = []
     for method, template, op in org_operations():
         path = template
@@ -99,6 +116,17 @@ def probes(b: Tenant) -> list[Probe]:
 def test_other_tenants_objects_answer_exactly_like_missing_ones(api: Api, lonely_api: Api) -> None:
     a = api.tenant("alice")
     b = api.tenant("bob")
+    # B has a release, so release routes have something to leak.
+    api.call(
+        "POST",
+        f"/v1/orgs/{b.org}/apps/{b.app}/envs/{b.env}/releases",
+        b.token,
+        201,
+        {
+            "image": {"repository": f"{b.org}/{b.app}", "digest": DIGEST},
+            "manifest": manifest_for(b.app),
+        },
+    )
     b_token_id = api.call("GET", "/v1/whoami", b.token, 200)["token"]["id"]
     # The same tenant A, with the same names, in a world without B.
     a_alone = lonely_api.tenant("alice")

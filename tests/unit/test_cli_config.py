@@ -48,9 +48,11 @@ def test_the_file_is_private_and_round_trips(setup: tuple[dict[str, str], Path, 
 def test_each_level_beats_the_one_below(setup: tuple[dict[str, str], Path, Path]) -> None:
     environ, cwd, config = setup
     assert resolve(environ, cwd) == CliConfig("http://file:1", "file-token", "f-org", "f-app")
-    (cwd / "ember.toml").write_text('org = "p-org"\napp = "p-app"\nenv = "p-env"\n')
+    # In ember.toml, [env] is the manifest's table of variables, never the environment.
+    (cwd / "ember.toml").write_text('org = "p-org"\napp = "p-app"\n[env]\nPORT = "8080"\n')
     got, sources = resolve_explained(environ, cwd)
-    assert (got.org, got.app, got.env) == ("p-org", "p-app", "p-env")
+    assert (got.org, got.app, got.env) == ("p-org", "p-app", None)
+    assert "env" not in sources
     assert sources["org"] == str(cwd / "ember.toml") and sources["token"] == str(config)
 
     environ = {**environ, "EMBER_ORG": "e-org", "EMBER_API_TOKEN": "e-token"}
@@ -71,7 +73,6 @@ def test_each_level_beats_the_one_below(setup: tuple[dict[str, str], Path, Path]
         "token": "EMBER_API_TOKEN",
         "org": "--org",
         "app": str(cwd / "ember.toml"),
-        "env": str(cwd / "ember.toml"),
     }
 
 

@@ -12,7 +12,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ember import __version__
 from ember.api import errors
 from ember.api.middleware import EdgeMiddleware, Metrics
-from ember.api.routes import apps, orgs, tokens
+from ember.api.releases import Releases
+from ember.api.routes import apps, orgs, releases, tokens
 from ember.api.service import Tenancy
 from ember.core.catalog import REGISTRY
 from ember.store.db import Database
@@ -27,6 +28,8 @@ class ApiSettings:
     database_url: str
     max_body_bytes: int = 1024 * 1024
     pool_size: int = 10
+    registry_url: str | None = None
+    """The platform registry `ember deploy` pushes to (EMBER_REGISTRY_URL)."""
 
 
 def create_app(settings: ApiSettings | None) -> FastAPI:
@@ -44,6 +47,7 @@ def create_app(settings: ApiSettings | None) -> FastAPI:
         locks = Database(settings.database_url, max_size=settings.pool_size)
         log = EventLog(db, REGISTRY)
         app.state.tenancy = Tenancy(db, log, ProjectionRunner(db, REGISTRY, all_projections()))
+        app.state.releases = Releases(app.state.tenancy)
         app.state.idempotency_locks = locks
         try:
             yield
@@ -65,7 +69,7 @@ def create_app(settings: ApiSettings | None) -> FastAPI:
         max_body_bytes=settings.max_body_bytes if settings else 1024 * 1024,
     )
     errors.install(app)
-    for router in (orgs.router, apps.router, tokens.router):
+    for router in (orgs.router, apps.router, releases.router, tokens.router):
         app.include_router(router)
 
     @app.get("/healthz", response_model=w.Health, tags=["health"])
@@ -84,6 +88,13 @@ def create_app(settings: ApiSettings | None) -> FastAPI:
         with app.state.tenancy.db.connection() as conn:
             conn.execute("SELECT 1")
         return w.Health(status="ready")
+
+    @app.get("/v1/platform", response_model=w.Platform, tags=["platform"])
+    def platform() -> w.Platform:
+        """What clients need to know about this installation (no token needed)."""
+        return w.Platform(
+            version=__version__, registry_url=settings.registry_url if settings else None
+        )
 
     @app.get("/metrics", tags=["health"], response_class=Response)
     def prometheus() -> Response:

@@ -10,9 +10,23 @@ def register(root: click.Group) -> None:
     """Add the user commands to the root group."""
     from ember.cli.apps import apps
     from ember.cli.auth import login, logout, whoami
+    from ember.cli.deploy import deploy, releases, rollback
     from ember.cli.envs import envs
+    from ember.cli.manifest import manifest
     from ember.cli.orgs import orgs
     from ember.cli.tokens import tokens
 
-    for command in (login, logout, whoami, orgs, apps, envs, tokens):
+    for command in (
+        login,
+        logout,
+        whoami,
+        orgs,
+        apps,
+        envs,
+        tokens,
+        manifest,
+        deploy,
+        releases,
+        rollback,
+    ):
         root.add_command(command)

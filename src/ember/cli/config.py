@@ -104,7 +104,7 @@ def resolve_explained(
     def pick(key: str, flag: str | None, var: str, *, in_project: bool = True) -> str | None:
         def text(raw: Mapping[str, Any]) -> str | None:
             value = raw.get(key)
-            return str(value) if value is not None else None
+            return value if isinstance(value, str) else None
 
         candidates = [
             (flag, "--" + key.replace("_", "-")),
@@ -126,6 +126,8 @@ def resolve_explained(
         token=pick("token", None, "EMBER_API_TOKEN", in_project=False),
         org=pick("org", org, "EMBER_ORG"),
         app=pick("app", app, "EMBER_APP"),
-        env=pick("env", env, "EMBER_ENV"),
+        # In ember.toml, [env] is the table of plain variables (docs/specs/manifest.md),
+        # never the target environment: that comes from --env, EMBER_ENV or the config.
+        env=pick("env", env, "EMBER_ENV", in_project=False),
     )
     return config, sources

@@ -223,6 +223,43 @@ class Client:
     def delete_env(self, org: str, app: str, env: str) -> None:
         self._request("DELETE", path("v1", "orgs", org, "apps", app, "envs", env))
 
+    # -- releases --------------------------------------------------------------------
+
+    def platform(self) -> w.Platform:
+        return self._get(path("v1", "platform"), w.Platform)
+
+    def deploy(
+        self, org: str, app: str, env: str, *, repository: str, digest: str, manifest: str
+    ) -> Created[w.ReleaseDetail]:
+        return self._create(
+            path("v1", "orgs", org, "apps", app, "envs", env, "releases"),
+            w.ReleaseCreate,
+            {"image": {"repository": repository, "digest": digest}, "manifest": manifest},
+            w.ReleaseDetail,
+        )
+
+    def iter_releases(self, org: str, app: str, env: str) -> Iterator[w.Release]:
+        return self._pages(path("v1", "orgs", org, "apps", app, "envs", env, "releases"), w.Release)
+
+    def list_releases(self, org: str, app: str, env: str) -> list[w.Release]:
+        return list(self.iter_releases(org, app, env))
+
+    def get_release(self, org: str, app: str, env: str, version: int) -> w.ReleaseDetail:
+        return self._get(
+            path("v1", "orgs", org, "apps", app, "envs", env, "releases", str(version)),
+            w.ReleaseDetail,
+        )
+
+    def rollback(
+        self, org: str, app: str, env: str, version: int | None
+    ) -> Created[w.ReleaseDetail]:
+        return self._create(
+            path("v1", "orgs", org, "apps", app, "envs", env, "rollback"),
+            w.RollbackRequest,
+            {"version": version},
+            w.ReleaseDetail,
+        )
+
     # -- plumbing --------------------------------------------------------------------
 
     def _get(self, url: str, model: type[M], params: Mapping[str, Any] | None = None) -> M:

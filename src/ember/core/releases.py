@@ -117,23 +117,28 @@ def decide_deploy(
     version = state.latest + 1
     return [
         ReleaseCreated(
-            app_id=app_id, env=env, version=version, repository=contents.repository,
-            image_digest=contents.image_digest, manifest_hash=contents.manifest_hash,
-            manifest=manifest, secrets_version=contents.secrets_version, author=author,
+            app_id=app_id,
+            env=env,
+            version=version,
+            repository=contents.repository,
+            image_digest=contents.image_digest,
+            manifest_hash=contents.manifest_hash,
+            manifest=manifest,
+            secrets_version=contents.secrets_version,
+            author=author,
             reason="deploy",
         ),
         ReleasePromoted(app_id=app_id, env=env, version=version),
     ]
 
 
-def decide_rollback(
-    state: ReleasesState, *, target: int | None, author: str
-) -> list[EventData]:
+def decide_rollback(state: ReleasesState, *, target: int | None, author: str) -> list[EventData]:
     """A new release with the contents of ``target`` (default: the one before the live
     release), or nothing when those contents are already live."""
     if state.active is None:
-        raise ReleaseNotFound("nothing to roll back: no release is live",
-                              hint="deploy first with 'ember deploy'")
+        raise ReleaseNotFound(
+            "nothing to roll back: no release is live", hint="deploy first with 'ember deploy'"
+        )
     if target is None:
         older = [v for v in state.releases if v < state.active]
         if not older:
@@ -143,14 +148,21 @@ def decide_rollback(
             )
         target = max(older)
     if target not in state.releases:
-        raise ReleaseNotFound(f"no release v{target}", hint="'ember releases' lists them",
-                              detail={"version": target})
+        raise ReleaseNotFound(
+            f"no release v{target}", hint="'ember releases' lists them", detail={"version": target}
+        )
     source = state.releases[target]
     if state.contents(state.active) == state.contents(target):
         return []
     version = state.latest + 1
     return [
-        source.model_copy(update={"version": version, "author": author, "reason": "rollback",
-                                  "rollback_of": target}),
+        source.model_copy(
+            update={
+                "version": version,
+                "author": author,
+                "reason": "rollback",
+                "rollback_of": target,
+            }
+        ),
         ReleasePromoted(app_id=source.app_id, env=source.env, version=version),
     ]

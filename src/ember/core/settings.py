@@ -21,10 +21,17 @@ class Settings:
     """An external Postgres (``EMBER_DATABASE_URL``); None means the embedded cluster."""
     api_port: int = 7070
     """Where `ember dev up` serves the API on 127.0.0.1 (``EMBER_API_PORT``)."""
+    registry_port: int = 5050
+    """Where `ember dev up` serves the embedded OCI registry on 127.0.0.1
+    (``EMBER_REGISTRY_PORT``; not 5000, which Debian's own docker-registry service uses)."""
 
     @property
     def postgres_dir(self) -> Path:
         return self.home / "postgres"
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.home / "registry"
 
 
 def load_settings(environ: Mapping[str, str], **overrides: object) -> Settings:
@@ -33,16 +40,21 @@ def load_settings(environ: Mapping[str, str], **overrides: object) -> Settings:
         environ.get("XDG_DATA_HOME") or os.path.join(environ.get("HOME", "/root"), ".local/share"),
         "ember",
     )
-    port_raw = environ.get("EMBER_API_PORT") or "7070"
-    if not port_raw.isdigit() or not 1 <= int(port_raw) <= 65535:
-        raise ValidationFailed(
-            f"EMBER_API_PORT must be a port number, not {port_raw!r}",
-            detail={"field": "EMBER_API_PORT"},
-        )
     values: dict[str, object] = {
         "home": Path(home_raw).expanduser(),
         "database_url": environ.get("EMBER_DATABASE_URL") or None,
-        "api_port": int(port_raw),
+        "api_port": _port(environ, "EMBER_API_PORT", 7070),
+        "registry_port": _port(environ, "EMBER_REGISTRY_PORT", 5050),
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
     return Settings(**values)  # type: ignore[arg-type]
+
+
+def _port(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name) or str(default)
+    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+        raise ValidationFailed(
+            f"{name} must be a port number, not {raw!r}",
+            detail={"field": name},
+        )
+    return int(raw)

@@ -25,6 +25,7 @@ from ember.core.catalog import StackStarted, StackStopped
 from ember.core.errors import Unavailable
 from ember.core.events import ANY, Metadata, NewEvent
 from ember.core.tenancy import Capability, Scope
+from ember.dev import registry
 from ember.dev.postgres import LocalCluster
 from ember.dev.processes import Supervisor
 from ember.ops.context import OpsContext, json_option, pass_ops
@@ -34,7 +35,18 @@ from ember.store.db import redact
 STACK_STREAM = "stack-local"
 ADMIN_EMAIL = "admin@localhost"
 ADMIN_ORG = "local"
-SERVICES = ("api", "controller")
+SERVICES = ("api", "controller", registry.NAME)
+
+
+def _supervisor(ops: OpsContext) -> Supervisor:
+    # The registry is not an ember process: its pid-reuse guard is its own cmdline.
+    return Supervisor(
+        ops.settings.home, markers={registry.NAME: registry.marker(ops.settings.registry_dir)}
+    )
+
+
+def _registry_url(ops: OpsContext) -> str:
+    return f"http://127.0.0.1:{ops.settings.registry_port}"
 
 
 class StackFailed(Unavailable):
@@ -51,23 +63,32 @@ def _api_url(ops: OpsContext) -> str:
 
 
 def _start_services(ops: OpsContext) -> dict[str, bool]:
-    sup = Supervisor(ops.settings.home)
+    sup = _supervisor(ops)
     ember = os.path.join(os.path.dirname(sys.executable), "ember")
     env = {
         **os.environ,
         "EMBER_HOME": str(ops.settings.home),
         "EMBER_DATABASE_URL": ops.database_url,
         "EMBER_API_PORT": str(ops.settings.api_port),
+        "EMBER_REGISTRY_URL": _registry_url(ops),
     }
-    started = {}
-    if sup.pid("api") is None and _port_taken(ops.settings.api_port):
-        raise StackFailed(
-            f"port {ops.settings.api_port} is taken by another program",
-            hint="stop it, or set EMBER_API_PORT to a free port",
-            detail={"field": "EMBER_API_PORT"},
-        )
-    started["api"] = sup.start("api", [ember, "server", "api"], env)
-    started["controller"] = sup.start("controller", [ember, "server", "controller"], env)
+    for name, port, variable in (
+        ("api", ops.settings.api_port, "EMBER_API_PORT"),
+        (registry.NAME, ops.settings.registry_port, "EMBER_REGISTRY_PORT"),
+    ):
+        if sup.pid(name) is None and _port_taken(port):
+            raise StackFailed(
+                f"port {port} is taken by another program",
+                hint=f"stop it, or set {variable} to a free port",
+                detail={"field": variable},
+            )
+    registry_config = registry.prepare(ops.settings.registry_dir, ops.settings.registry_port)
+    registry_started = registry.start(sup, registry_config, os.environ)
+    started = {
+        "api": sup.start("api", [ember, "server", "api"], env),
+        "controller": sup.start("controller", [ember, "server", "controller"], env),
+        registry.NAME: registry_started,
+    }
     try:
         _wait_ready(ops, sup)
     except StackFailed:
@@ -94,9 +115,19 @@ def _wait_ready(ops: OpsContext, sup: Supervisor, timeout: float = 60.0) -> None
                 )
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(_api_url(ops) + "/readyz", timeout=2).status_code == 200:
-                return
+                break
         time.sleep(0.2)
-    raise StackFailed("the API did not become ready in time", hint=f"see {sup.log_file('api')}")
+    else:
+        raise StackFailed("the API did not become ready in time", hint=f"see {sup.log_file('api')}")
+    try:
+        registry.wait_ready(
+            _registry_url(ops),
+            timeout=max(deadline - time.monotonic(), 1.0),
+            exited=lambda: sup.exited_early(registry.NAME),
+            log=sup.log_file(registry.NAME),
+        )
+    except registry.RegistryFailed as exc:
+        raise StackFailed(exc.message, hint=exc.hint) from exc
 
 
 def _ensure_admin(ops: OpsContext) -> str | None:
@@ -162,7 +193,7 @@ def up(ops: OpsContext) -> None:
     result = ops.event_log().append(
         STACK_STREAM, ANY, [NewEvent.of(started, Metadata(actor="ember dev up"))]
     )
-    with _progress(ops, "Starting the API and the controller…"):
+    with _progress(ops, "Starting the registry, the API and the controller…"):
         info["services_started"] = _start_services(ops)
     token = _ensure_admin(ops)
     runner = ops.projections()
@@ -171,6 +202,7 @@ def up(ops: OpsContext) -> None:
     info["projections"] = {s.name: str(s.cursor) for s in runner.status()}
     info["database_url"] = redact(ops.database_url)
     info["api_url"] = _api_url(ops)
+    info["registry_url"] = _registry_url(ops)
     info["admin_token"] = token
     if ops.as_json:
         emit_json(info)
@@ -182,6 +214,7 @@ def up(ops: OpsContext) -> None:
             "postgres": info["postgres"],
             "database": info["database_url"],
             "api": info["api_url"],
+            "registry": info["registry_url"],
             "migrations": ", ".join(info["migrations_applied"]) or "up to date",  # type: ignore[arg-type]
             "event": info["event"],
         }
@@ -197,7 +230,7 @@ def up(ops: OpsContext) -> None:
 @pass_ops
 def down(ops: OpsContext) -> None:
     """Stop the stack (idempotent). Data stays in $EMBER_HOME."""
-    sup = Supervisor(ops.settings.home)
+    sup = _supervisor(ops)
     services = {name: sup.stop(name) for name in SERVICES}
     stopped = False
     if ops.settings.database_url is None:
@@ -221,7 +254,7 @@ def down(ops: OpsContext) -> None:
 @pass_ops
 def status(ops: OpsContext) -> None:
     """Is the stack up, and how far have the projections got?"""
-    sup = Supervisor(ops.settings.home)
+    sup = _supervisor(ops)
     out: dict[str, object] = {"home": str(ops.settings.home)}
     if ops.settings.database_url is None:
         out["postgres_running"] = LocalCluster(ops.settings.postgres_dir).is_running()
@@ -229,6 +262,7 @@ def status(ops: OpsContext) -> None:
         out["postgres_running"] = True
     out["services"] = {name: sup.pid(name) is not None for name in SERVICES}
     out["api_url"] = _api_url(ops)
+    out["registry_url"] = _registry_url(ops)
     if out["postgres_running"]:
         out["head"] = str(ops.event_log().head())
         out["pending_migrations"] = [

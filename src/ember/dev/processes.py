@@ -1,9 +1,11 @@
-"""Background processes of the single-node stack (api, controller), supervised by pid
-files under ``$EMBER_HOME/run`` with logs under ``$EMBER_HOME/logs``.
+"""Background processes of the single-node stack (api, controller, registry), supervised
+by pid files under ``$EMBER_HOME/run`` with logs under ``$EMBER_HOME/logs``.
 
 `ember dev up` starts what is not running; `ember dev down` stops it (SIGTERM, then
 SIGKILL after a grace period). A stale pid file (process gone, or the pid reused by
-something that is not ours) counts as not running.
+something that is not ours) counts as not running: a live pid is only ours when its
+``/proc/PID/cmdline`` holds every byte string of the service's marker (``ember`` and
+``server`` for Ember's own servers; ``markers`` gives other programs theirs).
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+EMBER_SERVER_MARKER = (b"ember", b"server")
+
 
 class Supervisor:
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, markers: Mapping[str, Sequence[bytes]] | None = None) -> None:
         self.home = home
+        self.markers = dict(markers or {})
         self._children: dict[str, subprocess.Popen[bytes]] = {}
 
     def _pid_file(self, name: str) -> Path:
@@ -38,8 +43,9 @@ class Supervisor:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             return None
-        # Guard against pid reuse: the process must be an ember server.
-        return pid if b"ember" in cmdline and b"server" in cmdline else None
+        # Guard against pid reuse: the process must be the program we started.
+        marker = self.markers.get(name, EMBER_SERVER_MARKER)
+        return pid if all(part in cmdline for part in marker) else None
 
     def start(self, name: str, argv: Sequence[str], env: Mapping[str, str]) -> bool:
         """Start ``name`` unless it runs; return True when started now."""

@@ -38,7 +38,10 @@ def api(ops: OpsContext, host: str, port: int, workers: int) -> None:
     url = ops.database_url
     migrations.migrate(url)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    app = create_app(ApiSettings(database_url=url))
+    import os
+
+    registry = os.environ.get("EMBER_REGISTRY_URL") or None
+    app = create_app(ApiSettings(database_url=url, registry_url=registry))
     uvicorn.run(app, host=host, port=port, workers=workers, access_log=False, log_level="warning")
 
 

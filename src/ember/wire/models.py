@@ -131,3 +131,55 @@ class WhoAmI(BaseModel):
     email: str
     token: Token
     orgs: list[Org]
+
+
+class ImageRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    repository: str = Field(min_length=1, max_length=255, examples=["local/hello"])
+    digest: str = Field(
+        min_length=71,
+        max_length=71,
+        examples=["sha256:" + "0" * 64],
+        description="The image manifest's digest in the platform registry.",
+    )
+
+
+class ReleaseCreate(Body):
+    image: ImageRef
+    manifest: str = Field(
+        min_length=1,
+        max_length=256 * 1024,
+        description="The ember.toml text; the server validates it and derives the env's "
+        "normalized manifest and its hash.",
+    )
+
+
+class RollbackRequest(Body):
+    version: int | None = Field(
+        None, ge=1, description="The release to return to; default: the one before the live one."
+    )
+
+
+class Release(BaseModel):
+    app: str
+    env: str
+    version: int
+    image: ImageRef
+    manifest_hash: str
+    secrets_version: int
+    author: str
+    reason: str = Field(description="deploy | rollback")
+    rollback_of: int | None
+    status: str = Field(description="active | superseded | created")
+    created_at: dt.datetime
+
+
+class ReleaseDetail(Release):
+    manifest: dict[str, object] = Field(description="The normalized manifest of this env.")
+
+
+class Platform(BaseModel):
+    version: str
+    registry_url: str | None = Field(
+        description="Where `ember deploy` pushes images; null when not configured."
+    )

@@ -32,9 +32,18 @@ class ReleasesProjection:
                 """INSERT INTO view_releases VALUES
                    (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'created', %s)""",
                 (
-                    d["app_id"], d["env"], d["version"], d["repository"], d["image_digest"],
-                    d["manifest_hash"], Jsonb(d["manifest"]), d.get("secrets_version", 0),
-                    d["author"], d["reason"], d.get("rollback_of"), event.recorded_at,
+                    d["app_id"],
+                    d["env"],
+                    d["version"],
+                    d["repository"],
+                    d["image_digest"],
+                    d["manifest_hash"],
+                    Jsonb(d["manifest"]),
+                    d.get("secrets_version", 0),
+                    d["author"],
+                    d["reason"],
+                    d.get("rollback_of"),
+                    event.recorded_at,
                 ),
             )
         elif event.type == "release.promoted":

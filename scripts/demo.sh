@@ -3,7 +3,7 @@
 # Safe to re-run: every step is idempotent. Leaves the stack running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EMBER=.venv/bin/ember
+EMBER="$PWD/.venv/bin/ember"
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 expect_exit() {  # expect_exit CODE WHAT -- COMMAND...
@@ -36,8 +36,29 @@ expect_exit 3 "ember apps show nope" -- $EMBER apps show nope
 expect_exit 5 "ember whoami with a bad token" -- env EMBER_API_TOKEN=ember_pat_bad $EMBER whoami
 expect_exit 2 "ember apps create 'Bad Name'" -- $EMBER apps create "Bad Name"
 
+step "Build the sample apps into OCI images from Debian packages (no Docker)"
+for app in hello-http hello-tls; do
+  .venv/bin/python -m ember.dev.examples build "$app" --out "examples/$app/build/oci"
+done
+
+step "Validate their manifests (offline; every error would name its exact path)"
+(cd examples/hello-http && $EMBER manifest validate)
+(cd examples/hello-tls && $EMBER manifest validate)
+
+step "Deploy hello-http: push the image by digest to the platform registry, release v1"
+$EMBER apps create hello-http
+$EMBER envs create prod --app hello-http
+(cd examples/hello-http && $EMBER deploy --image build/oci)
+(cd examples/hello-http && $EMBER deploy --image build/oci)   # identical: nothing new
+
+step "A changed manifest is a new release; rollback returns to an older one"
+sed 's/max_surge = 1/max_surge = 2/' examples/hello-http/ember.toml > /tmp/ember-demo-v2.toml
+(cd examples/hello-http && $EMBER deploy --image build/oci --manifest /tmp/ember-demo-v2.toml)
+(cd examples/hello-http && $EMBER rollback)
+(cd examples/hello-http && $EMBER releases)
+
 step "Every change is an event; views are projections of the log"
-$EMBER admin events list --limit 20
+$EMBER admin events streams
 $EMBER admin projections status
 $EMBER admin projections verify
 

@@ -111,3 +111,19 @@ def test_deploy_needs_the_deploy_capability_and_hides_other_tenants(
 def test_platform_tells_clients_where_the_registry_is(api: Api) -> None:
     body = api.call("GET", "/v1/platform", None, 200)
     assert set(body) == {"version", "registry_url"}
+
+
+def test_tenancy_and_releases_views_survive_redelivery_and_rebuild(
+    api: Api, tenant: Tenant
+) -> None:
+    deploy(api, tenant, D1)
+    deploy(api, tenant, D2)
+    api.call("POST", releases_path(tenant) + "/rollback", tenant.token, 201, {})
+    runner = api.svc.runner
+    names = ("tenancy", "releases")
+    live = {n: runner.digest(n) for n in names}
+    api.scalar("UPDATE projection_checkpoints SET xid = '0', position = 0 RETURNING 1")
+    runner.catch_up()  # every event delivered a second time
+    assert {n: runner.digest(n) for n in names} == live
+    runner.rebuild()
+    assert {n: runner.digest(n) for n in names} == live

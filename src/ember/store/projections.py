@@ -198,6 +198,20 @@ class ProjectionRunner:
         return h.hexdigest()
 
 
+def first_delivery(cur: psycopg.Cursor[Any], guard_table: str, event: RecordedEvent) -> bool:
+    """Record that ``event`` was folded, in a projection's ``(stream_id, version)`` guard
+    table; False when it (or a later event of its stream) was folded already — the
+    redelivery to ignore. Events of a stream arrive in version order (events.md §3)."""
+    cur.execute(
+        sql.SQL(
+            "INSERT INTO {t} AS s VALUES (%s, %s) ON CONFLICT (stream_id) DO UPDATE "
+            "SET version = EXCLUDED.version WHERE s.version < EXCLUDED.version RETURNING 1"
+        ).format(t=sql.Identifier(guard_table)),
+        (event.stream_id, event.stream_version),
+    )
+    return cur.fetchone() is not None
+
+
 def _lock_checkpoint(conn: psycopg.Connection, name: str) -> Cursor:
     # An advisory lock, not SELECT ... FOR UPDATE: it serialises runners without giving
     # this transaction an xid, which would hold back every reader's horizon.

@@ -8,6 +8,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from ember.core.events import RecordedEvent
+from ember.store.projections import first_delivery
 
 
 class ReleasesProjection:
@@ -17,15 +18,8 @@ class ReleasesProjection:
     def apply(self, cur: psycopg.Cursor[Any], event: RecordedEvent) -> None:
         if not event.stream_id.startswith("releases-"):
             return
-        cur.execute(
-            """INSERT INTO view_releases_streams AS s VALUES (%s, %s)
-               ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version
-               WHERE s.version < EXCLUDED.version
-               RETURNING 1""",
-            (event.stream_id, event.stream_version),
-        )
-        if cur.fetchone() is None:
-            return  # already folded
+        if not first_delivery(cur, "view_releases_streams", event):
+            return
         d = event.data
         if event.type == "release.created":
             cur.execute(

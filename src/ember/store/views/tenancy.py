@@ -11,6 +11,7 @@ from typing import Any
 import psycopg
 
 from ember.core.events import RecordedEvent
+from ember.store.projections import first_delivery
 
 
 class TenancyProjection:
@@ -29,15 +30,8 @@ class TenancyProjection:
     def apply(self, cur: psycopg.Cursor[Any], event: RecordedEvent) -> None:
         if event.stream_id.split("-", 1)[0] not in self._kinds:
             return
-        cur.execute(
-            """INSERT INTO view_tenancy_streams AS s VALUES (%s, %s)
-               ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version
-               WHERE s.version < EXCLUDED.version
-               RETURNING 1""",
-            (event.stream_id, event.stream_version),
-        )
-        if cur.fetchone() is None:
-            return  # already folded
+        if not first_delivery(cur, "view_tenancy_streams", event):
+            return
         handler = getattr(self, "_" + event.type.replace(".", "_"), None)
         if handler is not None:
             handler(cur, event.data, event.recorded_at)

@@ -3,6 +3,7 @@ is the only place that turns errors into exit codes (docs/specs/cli.md)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
@@ -47,7 +48,7 @@ def _register() -> None:
         register(root)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 - one exit per outcome
     args = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in args
     _register()
@@ -63,6 +64,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(Exit.USAGE) if isinstance(exc, click.UsageError) else exc.exit_code
     except EmberError as exc:
         return int(report(exc, as_json=as_json))
+    except Exception as exc:
+        if os.environ.get("EMBER_DEBUG"):
+            raise
+        click.echo(f"Error: unexpected internal error: {type(exc).__name__}: {exc}", err=True)
+        click.echo(
+            "Hint: this is a bug in ember; rerun with EMBER_DEBUG=1 to see the "
+            "traceback and report it",
+            err=True,
+        )
+        return int(Exit.UNEXPECTED)
     except KeyboardInterrupt:
         return 130
     return int(Exit.OK)

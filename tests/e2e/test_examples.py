@@ -27,11 +27,12 @@ CHROOT = shutil.which("chroot") or "/usr/sbin/chroot"
 
 
 @pytest.fixture(scope="session")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """One .deb cache per test session: the packages are downloaded once."""
-    path = tmp_path_factory.mktemp("example-cache")
+def cache() -> Iterator[Path]:
+    """A .deb cache that outlives the session (each .deb is checked against apt's SHA256
+    on use), so repeated runs on one machine download the packages once."""
+    path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ember-test-debs"
+    path.mkdir(parents=True, exist_ok=True)
     yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def build(name: str, out: Path, cache: Path) -> examples.Built:

@@ -127,3 +127,40 @@ def test_tenancy_and_releases_views_survive_redelivery_and_rebuild(
     assert {n: runner.digest(n) for n in names} == live
     runner.rebuild()
     assert {n: runner.digest(n) for n in names} == live
+
+
+def test_a_release_uses_its_own_apps_repository_only(api: Api, tenant: Tenant) -> None:
+    before = api.event_count()
+    body = {"image": {"repository": "someone/else", "digest": D1}, "manifest": manifest(tenant.app)}
+    refused = api.call("POST", releases_path(tenant) + "/releases", tenant.token, 422, body)
+    assert refused["error"]["detail"] == {"field": "image.repository"}
+    assert api.event_count() == before
+
+
+def test_racing_deploys_get_unique_versions_and_never_conflict(api: Api, tenant: Tenant) -> None:
+    import threading
+
+    statuses: list[int] = []
+    barrier = threading.Barrier(6)
+
+    def one(i: int) -> None:
+        barrier.wait()
+        body = {
+            "image": {
+                "repository": f"{tenant.org}/{tenant.app}",
+                "digest": "sha256:" + f"{i:x}" * 64,
+            },
+            "manifest": manifest(tenant.app),
+        }
+        r = api.client.post(releases_path(tenant) + "/releases", json=body, headers=tenant.headers)
+        statuses.append(r.status_code)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(1, 7)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert statuses == [201] * 6
+    listed = api.call("GET", releases_path(tenant) + "/releases", tenant.token, 200)["items"]
+    assert sorted(r["version"] for r in listed) == [1, 2, 3, 4, 5, 6]
+    assert [r["status"] for r in listed].count("active") == 1

@@ -86,7 +86,7 @@ def real_names(world: World) -> dict[str, str]:
     for digest in (DIGESTS[0], DIGESTS[1]):
         api.client.post(
             f"/v1/orgs/{t.org}/apps/{t.app}/envs/{t.env}/releases",
-            json=release_body(t.app, digest),
+            json=release_body(t.org, t.app, digest),
             headers=t.headers,
         )
     return {
@@ -157,15 +157,15 @@ def test_operation_conforms_and_never_fails(
 DIGESTS = ("sha256:" + "1" * 64, "sha256:" + "2" * 64)
 
 
-def release_body(app: str, digest: str) -> dict[str, Any]:
+def release_body(org: str, app: str, digest: str) -> dict[str, Any]:
     manifest = f'schema_version = 1\napp = "{app}"\n[processes]\nweb = "httpd -f -p 8080"\n'
-    return {"image": {"repository": "fuzz/app", "digest": digest}, "manifest": manifest}
+    return {"image": {"repository": f"{org}/{app}", "digest": digest}, "manifest": manifest}
 
 
 def valid_body(method: str, path: str, world: World) -> dict[str, Any] | None:
     return {
         ("POST", "/v1/orgs/{org}/apps/{app}/envs/{env}/releases"): release_body(
-            world.tenant.app, "sha256:" + "3" * 64
+            world.tenant.org, world.tenant.app, "sha256:" + "3" * 64
         ),
         ("POST", "/v1/orgs/{org}/apps/{app}/envs/{env}/rollback"): {},
         ("POST", "/v1/orgs"): {"name": "fuzzed-org"},

@@ -7,6 +7,7 @@ load-decide-append loop; releases have their own stream and projection.
 from __future__ import annotations
 
 from ember.api.service import Row, Tenancy
+from ember.core.errors import ValidationFailed
 from ember.core.events import EventData
 from ember.core.manifest import (
     ManifestInvalid,
@@ -56,6 +57,14 @@ class Releases:
         """Create and promote a release; (release, False) when it is already live."""
         app_row = self._env(who, org, app, env, Capability.DEPLOY, "deploy")
         check_image(repository, digest)
+        if repository != f"{org}/{app}":
+            # Releases name images in the app's own repository only: another tenant's
+            # repository would be pulled later with the platform's credentials.
+            raise ValidationFailed(
+                f"a release of {org}/{app} must use the image repository '{org}/{app}'",
+                hint="'ember deploy' pushes the image there for you",
+                detail={"field": "image.repository"},
+            )
         manifest = for_environment(parse_manifest(manifest_text), env)
         if manifest.app != app:
             raise ManifestInvalid(
@@ -101,7 +110,7 @@ class Releases:
         return self.t.query(
             "SELECT * FROM view_releases WHERE app_id = %s AND env = %s AND version < %s "
             "ORDER BY version DESC LIMIT %s",
-            [app_row["app_id"], env, before or 2**31 - 1, limit],
+            [app_row["app_id"], env, 2**31 - 1 if before is None else before, limit],
         )
 
     def get(self, who: Principal, org: str, app: str, env: str, version: int) -> Row:

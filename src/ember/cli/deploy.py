@@ -27,7 +27,7 @@ from ember.client.oci import (
     parse_reference,
 )
 from ember.core.errors import Unavailable, ValidationFailed
-from ember.core.manifest import manifest_hash, parse_manifest
+from ember.core.manifest import parse_manifest
 
 DEFAULT_ENV = "prod"
 
@@ -44,7 +44,7 @@ def env_option(fn: F) -> F:
         "--env",
         default=None,
         metavar="ENV",
-        help=f"Environment (else EMBER_ENV, ember.toml; default {DEFAULT_ENV!r}).",
+        help=f"Environment (else EMBER_ENV, the config file; default {DEFAULT_ENV!r}).",
     )(fn)
 
 
@@ -146,6 +146,10 @@ def deploy(
         )
     try:
         text = manifest_file.read_text()
+    except UnicodeDecodeError as exc:
+        raise ValidationFailed(
+            f"{manifest_file} is not UTF-8 text", detail={"field": "--manifest"}
+        ) from exc
     except OSError as exc:
         raise ValidationFailed(
             f"cannot read {manifest_file}: {exc.strerror}",
@@ -171,7 +175,7 @@ def deploy(
     if result.created:
         click.echo(
             f"Release v{release.version} of {app_name} promoted in {env_name} "
-            f"(image {digest[:19]}…, manifest {manifest_hash(manifest)[:19]}…)"
+            f"(image {digest[:19]}…, manifest {release.manifest_hash[:19]}…)"
         )
     else:
         click.echo(

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import click
 
-from ember.client.oci import ImageConfig, OciLayout, build_image
+from ember.client.oci import ImageConfig, LayoutInvalid, OciLayout, build_image
 from ember.core.errors import EmberError, Unavailable, ValidationFailed
 from ember.core.settings import load_settings
 
@@ -390,14 +390,28 @@ def unpack_image(layout: Path, dest: Path, ref_name: str | None = None) -> dict[
             for member in tar:
                 name = Path(member.name)
                 if name.name == ".wh..wh..opq":
-                    for child in (dest / name.parent).glob("*"):
+                    for child in _inside(dest, name.parent).glob("*"):
                         _remove(child)
                     continue
                 if name.name.startswith(".wh."):
-                    _remove(dest / name.parent / name.name[4:])
+                    _remove(_inside(dest, name.parent / name.name[4:]))
                     continue
-                tar.extract(member, dest, filter="fully_trusted")
+                # "tar": no absolute or ../ names, no links out of dest, no device files.
+                tar.extract(member, dest, filter="tar")
     return image.image_config(desc)
+
+
+def _inside(dest: Path, relative: Path) -> Path:
+    """``dest / relative``, refusing anything that would reach outside ``dest`` (``..``,
+    absolute names, or a parent directory that is a symlink)."""
+    root = dest.resolve()
+    target = root / relative
+    if relative.is_absolute() or ".." in relative.parts:
+        raise LayoutInvalid(f"layer entry {relative} points outside the image")
+    parent = target.parent
+    if parent.resolve() != parent or not str(parent).startswith(str(root)):
+        raise LayoutInvalid(f"layer entry {relative} points outside the image")
+    return target
 
 
 def _remove(path: Path) -> None:

@@ -111,7 +111,9 @@ def prepare(root: Path, port: int = DEFAULT_PORT) -> RegistryConfig:
     config = RegistryConfig(port=port, root=root, secret=secret_file.read_text().strip())
     config.storage_dir.mkdir(exist_ok=True)
     tmp = config.config_file.with_suffix(".tmp")
-    tmp.write_text(render_config(config))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the secret
+    with os.fdopen(fd, "w") as f:
+        f.write(render_config(config))
     os.replace(tmp, config.config_file)
     return config
 

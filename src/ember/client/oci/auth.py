@@ -28,6 +28,8 @@ from collections.abc import Generator
 
 import httpx
 
+from ember.client.oci.reference import is_loopback
+
 _PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 
 
@@ -58,7 +60,7 @@ class RegistryAuth(httpx.Auth):
         self._bearer = token
         self._send_basic = False
 
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:  # noqa: PLR0911 - one return per challenge outcome
         if self._bearer:
             request.headers["Authorization"] = f"Bearer {self._bearer}"
         elif self._send_basic and self._basic:
@@ -77,6 +79,9 @@ class RegistryAuth(httpx.Auth):
             request.headers["Authorization"] = self._basic
             yield request
         elif scheme == "bearer" and params.get("realm"):
+            realm = httpx.URL(params["realm"])
+            if realm.scheme != "https" and not is_loopback(realm.host):
+                return  # never send credentials to a plain-http token service elsewhere
             query = {k: params[k] for k in ("service", "scope") if params.get(k)}
             token_request = httpx.Request("GET", params["realm"], params=query)
             if self._basic:

@@ -450,13 +450,21 @@ def import_archive(src: Path, dest: Path) -> tuple[OciLayout, list[Descriptor]]:
             hint="give an OCI layout directory, an OCI archive or a 'docker save' tar",
             detail={"path": str(src)},
         ) from exc
-    with tar:
-        members = {_norm(m.name): m for m in tar.getmembers()}
-        layout = OciLayout.create(dest)
-        if LAYOUT_FILE in members and "index.json" in members:
-            return layout, _import_oci(tar, members, layout, src)
-        if "manifest.json" in members:
-            return layout, _import_docker(tar, members, layout, src)
+    try:
+        with tar:
+            members = {_norm(m.name): m for m in tar.getmembers()}
+            layout = OciLayout.create(dest)
+            if LAYOUT_FILE in members and "index.json" in members:
+                return layout, _import_oci(tar, members, layout, src)
+            if "manifest.json" in members:
+                return layout, _import_docker(tar, members, layout, src)
+    except (tarfile.TarError, EOFError, zlib.error, OSError, UnicodeDecodeError) as exc:
+        # A truncated or corrupt archive (or layer inside it) is bad input, not a crash.
+        raise LayoutInvalid(
+            f"{src} is damaged: {type(exc).__name__}: {exc}",
+            hint="re-create the archive ('docker save' or an OCI export) and try again",
+            detail={"path": str(src)},
+        ) from exc
     raise LayoutInvalid(
         f"{src} holds neither an OCI layout (oci-layout, index.json) nor a 'docker save' "
         "manifest.json",

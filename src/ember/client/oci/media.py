@@ -91,6 +91,12 @@ class Descriptor:
             raise LayoutInvalid(f"{where}.digest: {exc.message}") from exc
         annotations = value.get("annotations") or {}
         platform = value.get("platform")
+        if not isinstance(annotations, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()
+        ):
+            raise LayoutInvalid(f"{where}.annotations: not an object of strings")
+        if platform is not None and not isinstance(platform, dict):
+            raise LayoutInvalid(f"{where}.platform: not an object")
         return cls(
             media_type,
             digest,

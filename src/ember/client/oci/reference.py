@@ -97,7 +97,7 @@ def parse_reference(text: str) -> Reference:
 def is_loopback(host: str) -> bool:
     """Is ``host`` (no port; IPv6 may be bracketed) this machine's loopback?"""
     bare = host.strip("[]")
-    if bare == "localhost" or bare.endswith(".localhost"):
+    if bare == "localhost":
         return True
     try:
         return ipaddress.ip_address(bare).is_loopback

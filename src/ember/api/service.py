@@ -70,25 +70,13 @@ class Tenancy:
 
     # -- plumbing --------------------------------------------------------------------
 
-    def _load(self, stream: str, fold: Callable[[Iterable[RecordedEvent]], S]) -> tuple[S, int]:
+    def _load(
+        self, stream: str, fold: Callable[[Iterable[RecordedEvent]], S]
+    ) -> tuple[S, int, Cursor | None]:
+        """The stream folded, its version, and the cursor of its last event."""
         events = self.log.read_stream(stream)
-        return fold(events), (events[-1].stream_version if events else 0)
-
-    def _commit(
-        self,
-        stream: str,
-        version: int,
-        events: list[EventData],
-        actor: str,
-        projection: str = PROJECTION,
-    ) -> Cursor | None:
-        if not events:
-            self._settle(stream, projection)
-            return None
-        meta = Metadata(actor=actor)
-        result = self.log.append(stream, version, [NewEvent.of(e, meta) for e in events])
-        self.sync(result.cursor, projection)
-        return result.cursor
+        last = events[-1] if events else None
+        return fold(events), (last.stream_version if last else 0), (last.cursor if last else None)
 
     def execute(
         self,
@@ -100,26 +88,28 @@ class Tenancy:
     ) -> tuple[S, list[EventData]]:
         """Load, decide, append at the version read; on a concurrent change, decide again
         on the new state (so racing identical requests all succeed, none answers 409).
-        Returns the state decided on and the events written."""
+        Then fold ``projection`` far enough for the caller to read its own write — or,
+        when nothing was written, the events the decision was taken on (a concurrent
+        request may have appended them without folding them yet: "exists" in the log must
+        not read as missing in the view). Returns the state decided on and the events
+        written."""
         for attempt in range(_DECIDE_ATTEMPTS):
-            state, version = self._load(stream, fold)
+            state, version, seen = self._load(stream, fold)
             events = decide(state)
+            if not events:
+                if seen is not None:
+                    self.sync(seen, projection)
+                return state, events
+            meta = Metadata(actor=actor)
             try:
-                self._commit(stream, version, events, actor, projection)
+                result = self.log.append(stream, version, [NewEvent.of(e, meta) for e in events])
             except ConcurrencyConflict:
                 if attempt == _DECIDE_ATTEMPTS - 1:
                     raise
                 continue
+            self.sync(result.cursor, projection)
             return state, events
         raise AssertionError("unreachable")
-
-    def _settle(self, stream: str, projection: str = PROJECTION) -> None:
-        """A decision that writes nothing was taken on ``stream``'s events, which a
-        concurrent request may have appended but not yet folded: fold the view that far
-        before the caller reads it (else "exists" in the log reads as missing in the view)."""
-        events = self.log.read_stream(stream)
-        if events:
-            self.sync(events[-1].cursor, projection)
 
     def sync(self, cursor: Cursor, projection: str = PROJECTION, timeout: float = 10.0) -> None:
         """Fold ``projection`` up to ``cursor`` (read-your-writes for the caller)."""
@@ -145,9 +135,6 @@ class Tenancy:
 
     def query(self, sql: str, params: Iterable[Any]) -> list[Row]:
         """Rows of a read-only query on the views, as dicts."""
-        return self._all(sql, params)
-
-    def _all(self, sql: str, params: Iterable[Any]) -> list[Row]:
         with self.db.connection() as conn, conn.cursor() as cur:
             cur.execute(sql.encode(), tuple(params))
             names = [c.name for c in cur.description or ()]
@@ -174,7 +161,7 @@ class Tenancy:
             raise Unauthorized("the API token has expired", hint="create a new token")
         roles = {
             r["org_id"]: Role(r["role"])
-            for r in self._all(
+            for r in self.query(
                 "SELECT org_id, role FROM view_members WHERE user_id = %s", [row["user_id"]]
             )
         }
@@ -237,7 +224,8 @@ class Tenancy:
             capabilities=sorted(capabilities | {Capability.READ}),
             expires_at=expires,
         )
-        self._commit(token_stream(created.token_id), 0, [created], actor)
+        # A fresh id: the stream is new, so a conflict here could only be a bug.
+        self.execute(token_stream(created.token_id), bool, lambda _: [created], actor)
         row = self.token(created.token_id)
         assert row is not None
         return secret, row
@@ -297,7 +285,7 @@ class Tenancy:
         )
 
     def list_tokens(self, who: Principal, after: str | None, limit: int) -> list[Row]:
-        return self._all(
+        return self.query(
             """SELECT t.*, o.name AS org_name, a.name AS app_name FROM view_tokens t
                LEFT JOIN view_orgs o ON o.org_id = t.org_id
                LEFT JOIN view_apps a ON a.app_id = t.app_id
@@ -396,7 +384,7 @@ class Tenancy:
     def list_orgs(self, who: Principal, after: str | None, limit: int) -> list[Row]:
         # The token's scope filters in SQL, before LIMIT: filtering a page afterwards would
         # shorten it, and a short page ends the listing (next_cursor is null).
-        rows = self._all(
+        rows = self.query(
             "SELECT o.*, m.role FROM view_orgs o JOIN view_members m ON m.org_id = o.org_id "
             "WHERE m.user_id = %s AND o.name > %s AND (%s::text IS NULL OR o.org_id = %s) "
             "ORDER BY o.name LIMIT %s",
@@ -414,7 +402,7 @@ class Tenancy:
 
     def list_members(self, who: Principal, org: str, after: str | None, limit: int) -> list[Row]:
         org_row = self.visible_org(who, org)
-        return self._all(
+        return self.query(
             "SELECT m.*, u.email FROM view_members m JOIN view_users u USING (user_id) "
             "WHERE m.org_id = %s AND u.email > %s ORDER BY u.email LIMIT %s",
             [org_row["org_id"], after or "", limit],
@@ -526,7 +514,7 @@ class Tenancy:
 
     def list_apps(self, who: Principal, org: str, after: str | None, limit: int) -> list[Row]:
         org_row = self.visible_org(who, org)
-        rows = self._all(
+        rows = self.query(
             "SELECT a.*, %s AS org_name, coalesce((SELECT array_agg(e.name ORDER BY e.name) "
             "FROM view_envs e WHERE e.app_id = a.app_id), '{}') AS envs "
             "FROM view_apps a WHERE a.org_id = %s AND a.name > %s "
@@ -584,7 +572,7 @@ class Tenancy:
         self, who: Principal, org: str, app: str, after: str | None, limit: int
     ) -> list[Row]:
         app_row = self.visible_app(who, org, app)
-        rows = self._all(
+        rows = self.query(
             "SELECT e.*, %s AS app_name FROM view_envs e WHERE e.app_id = %s AND e.name > %s "
             "AND (%s::text IS NULL OR e.name = %s) ORDER BY e.name LIMIT %s",
             [app, app_row["app_id"], after or "", who.scope.env, who.scope.env, limit],

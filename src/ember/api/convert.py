@@ -49,3 +49,20 @@ def token(row: Row) -> w.Token:
 
 def dump(model: Any) -> Any:
     return model.model_dump(mode="json")
+
+
+def release(row: Row, app: str, *, detail: bool = False) -> w.Release:
+    fields = {
+        "app": app,
+        "env": row["env"],
+        "version": row["version"],
+        "image": w.ImageRef(repository=row["repository"], digest=row["image_digest"]),
+        "manifest_hash": row["manifest_hash"],
+        "secrets_version": row["secrets_version"],
+        "author": row["author"],
+        "reason": row["reason"],
+        "rollback_of": row["rollback_of"],
+        "status": row["status"],
+        "created_at": row["created_at"],
+    }
+    return w.ReleaseDetail(**fields, manifest=row["manifest"]) if detail else w.Release(**fields)

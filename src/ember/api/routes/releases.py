@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from ember.api import idempotency
+from ember.api import convert, idempotency
 from ember.api.deps import Paging, Svc, Who
 from ember.api.errors import ERROR_RESPONSES as ERRORS
 from ember.api.releases import Releases
@@ -21,23 +21,6 @@ def releases(request: Request) -> Releases:
 
 
 Rel = Annotated[Releases, Depends(releases)]
-
-
-def to_wire(row: dict[str, Any], app: str, *, detail: bool = False) -> w.Release:
-    fields = {
-        "app": app,
-        "env": row["env"],
-        "version": row["version"],
-        "image": w.ImageRef(repository=row["repository"], digest=row["image_digest"]),
-        "manifest_hash": row["manifest_hash"],
-        "secrets_version": row["secrets_version"],
-        "author": row["author"],
-        "reason": row["reason"],
-        "rollback_of": row["rollback_of"],
-        "status": row["status"],
-        "created_at": row["created_at"],
-    }
-    return w.ReleaseDetail(**fields, manifest=row["manifest"]) if detail else w.Release(**fields)
 
 
 @router.post(
@@ -69,7 +52,9 @@ def deploy(
             digest=body.image.digest,
             manifest_text=body.manifest,
         )
-        return (201 if created else 200), to_wire(row, app, detail=True).model_dump(mode="json")
+        return (201 if created else 200), convert.release(row, app, detail=True).model_dump(
+            mode="json"
+        )
 
     return idempotency.run(svc.db, idem, who, go)
 
@@ -82,14 +67,14 @@ def list_releases(
     before = int(page.cursor) if page.cursor and page.cursor.isdigit() else None
     rows = rel.list(who, org, app, env, before, page.limit)
     return w.Page(
-        items=[to_wire(r, app) for r in rows],
+        items=[convert.release(r, app) for r in rows],
         next_cursor=str(rows[-1]["version"]) if len(rows) == page.limit else None,
     )
 
 
 @router.get("/releases/{version}", response_model=w.ReleaseDetail, responses=ERRORS)
 def get_release(org: str, app: str, env: str, version: int, rel: Rel, who: Who) -> w.Release:
-    return to_wire(rel.get(who, org, app, env, version), app, detail=True)
+    return convert.release(rel.get(who, org, app, env, version), app, detail=True)
 
 
 @router.post(
@@ -113,6 +98,8 @@ def rollback(
 
     def go() -> tuple[int, object]:
         row, created = rel.rollback(who, org, app, env, body.version)
-        return (201 if created else 200), to_wire(row, app, detail=True).model_dump(mode="json")
+        return (201 if created else 200), convert.release(row, app, detail=True).model_dump(
+            mode="json"
+        )
 
     return idempotency.run(svc.db, idem, who, go)

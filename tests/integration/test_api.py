@@ -644,3 +644,21 @@ def test_a_viewer_learns_nothing_about_members_from_remove(api: Api, tenant: Ten
     for user_id in (tenant.user_id, "usr_doesnotexist"):
         body = api.call("DELETE", f"/v1/orgs/{tenant.org}/members/{user_id}", viewer, 403)
         assert body["error"]["code"] == "auth.forbidden"
+
+
+def test_operator_scopes_resolve_names_and_refuse_unknown_ones(api: Api, tenant: Tenant) -> None:
+    from ember.core.errors import ValidationFailed
+    from ember.core.tenancy import AppNotFound, EnvNotFound, OrgNotFound, Scope
+
+    svc = api.svc
+    scope = svc.scope_for(tenant.org, tenant.app, tenant.env, who=None)
+    assert scope == Scope(tenant.org_id, tenant.app_id, tenant.env)
+    assert svc.scope_for(None, None, None, who=None) == Scope()
+    for args, error in [
+        (("nope", None, None), OrgNotFound),
+        ((tenant.org, "nope", None), AppNotFound),
+        ((tenant.org, tenant.app, "nope"), EnvNotFound),
+        ((None, tenant.app, None), ValidationFailed),
+    ]:
+        with pytest.raises(error):
+            svc.scope_for(*args, who=None)

@@ -230,6 +230,40 @@ class Tenancy:
         assert row is not None
         return secret, row
 
+    def scope_for(
+        self, org: str | None, app: str | None, env: str | None, *, who: Principal | None
+    ) -> Scope:
+        """The token scope that names ``org`` / ``app`` / ``env``. With ``who``, only what
+        that caller can see resolves (the rest is not found); without (operators), all."""
+        if (app and not org) or (env and not app):
+            raise ValidationFailed(
+                "a token scoped to an app needs its org, and one scoped to an env its app",
+                detail={"field": "scope"},
+            )
+        if not org:
+            return Scope()
+        if who is not None:
+            org_id = self.visible_org(who, org)["org_id"]
+            app_id = self.visible_app(who, org, app)["app_id"] if app else None
+            if app and env:
+                self.visible_env(who, org, app, env)
+            return Scope(org_id, app_id, env)
+        org_row = self.org_by_name(org)
+        if org_row is None:
+            raise OrgNotFound(f"no org {org!r}", detail={"org": org})
+        app_row = self.app_by_name(org_row["org_id"], app) if app else None
+        if app and app_row is None:
+            raise AppNotFound(f"no app {app!r} in {org!r}", detail={"app": app})
+        if (
+            app_row
+            and env
+            and not self.query(
+                "SELECT 1 FROM view_envs WHERE app_id = %s AND name = %s", [app_row["app_id"], env]
+            )
+        ):
+            raise EnvNotFound(f"no environment {env!r} in app {app!r}", detail={"env": env})
+        return Scope(org_row["org_id"], app_row["app_id"] if app_row else None, env)
+
     def create_token(
         self,
         who: Principal,
@@ -242,20 +276,7 @@ class Tenancy:
         expires_in_days: int | None,
     ) -> tuple[str, Row]:
         """A user makes a token for themselves: never wider than the token they use."""
-        if (app and not org) or (env and not app):
-            raise ValidationFailed(
-                "a token scoped to an app needs its org, and one scoped to an env its app",
-                detail={"field": "scope"},
-            )
-        scope = Scope()
-        if org:
-            org_row = self.visible_org(who, org)
-            scope = Scope(org_row["org_id"])
-            if app:
-                app_row = self.visible_app(who, org, app)
-                scope = Scope(org_row["org_id"], app_row["app_id"], env)
-                if env:
-                    self.visible_env(who, org, app, env)
+        scope = self.scope_for(org, app, env, who=who)
         if not who.scope.contains(scope):
             raise Forbidden(
                 "a new token cannot reach further than the token creating it",

@@ -8,11 +8,8 @@ from ember.cli.output import emit_fields, emit_json, emit_table
 from ember.core.errors import EmberError, ValidationFailed
 from ember.core.events import ZERO, Cursor
 from ember.core.tenancy import (
-    AppNotFound,
     Capability,
-    OrgNotFound,
     Role,
-    Scope,
     UserNotFound,
     check_capabilities,
     check_name,
@@ -284,22 +281,7 @@ def create_token(
             hint="create it with 'ember admin create-user'",
             detail={"email": email},
         )
-    scope = Scope()
-    if (app and not org) or (env and not app):
-        raise ValidationFailed(
-            "--app needs --org, and --env needs --app",
-            detail={"field": "--app" if app else "--env"},
-        )
-    if org:
-        org_row = svc.org_by_name(org)
-        if org_row is None:
-            raise OrgNotFound(f"no org {org!r}", detail={"org": org})
-        scope = Scope(org_row["org_id"])
-        if app:
-            app_row = svc.app_by_name(org_row["org_id"], app)
-            if app_row is None:
-                raise AppNotFound(f"no app {app!r} in {org!r}", detail={"app": app})
-            scope = Scope(org_row["org_id"], app_row["app_id"], env)
+    scope = svc.scope_for(org, app, env, who=None)
     caps = check_capabilities(list(capabilities)) if capabilities else frozenset(Capability)
     secret, row = svc.issue_token(
         user["user_id"],

@@ -7,16 +7,14 @@ promote a release. Deploying what is live already creates nothing.
 
 from __future__ import annotations
 
-import contextlib
-import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
-from ember.cli.output import console, emit_fields, emit_model, emit_table, when
+from ember.cli.output import emit_fields, emit_model, emit_table, step, when
 from ember.cli.session import MissingContext, Session, app_option, checked, json_option, org_option
 from ember.client import Client
 from ember.client.oci import (
@@ -53,42 +51,23 @@ def _env(session: Session) -> str:
     return checked(value, "env", what="env", source=session.sources.get("env"))
 
 
-class Progress:
-    """A spinner on a terminal; plain lines on stderr otherwise (and nothing with --json)."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.tty = sys.stderr.isatty()
-
-    @contextlib.contextmanager
-    def step(self, text: str) -> Iterator[None]:
-        if self.quiet:
-            yield
-        elif self.tty:
-            with console().status(text):
-                yield
-        else:
-            click.echo(text, err=True)
-            yield
-
-
-def _image_into_registry(image: str, registry_url: str, repository: str, progress: Progress) -> str:
+def _image_into_registry(image: str, registry_url: str, repository: str, quiet: bool) -> str:
     """Put ``image`` into the platform registry as ``repository``; return its digest."""
     path = Path(image)
     with RegistryClient(registry_url) as platform:
         if path.is_dir():
-            with progress.step(f"Pushing OCI layout {path} …"):
+            with step(f"Pushing OCI layout {path} …", quiet=quiet):
                 return platform.push(OciLayout.open(path), repository).digest
         if path.is_file():
             with tempfile.TemporaryDirectory(prefix="ember-image-") as tmp:
-                with progress.step(f"Reading image archive {path} …"):
+                with step(f"Reading image archive {path} …", quiet=quiet):
                     layout, images = import_archive(path, Path(tmp) / "layout")
                 if len(images) != 1:
                     raise ValidationFailed(
                         f"{path} holds {len(images)} images; deploy needs exactly one",
                         detail={"field": "--image"},
                     )
-                with progress.step("Pushing the image …"):
+                with step("Pushing the image …", quiet=quiet):
                     return platform.push(layout, repository, images[0]).digest
         ref = parse_reference(image)
         if ref.registry is None:
@@ -99,9 +78,9 @@ def _image_into_registry(image: str, registry_url: str, repository: str, progres
                 detail={"field": "--image"},
             )
         with RegistryClient(ref.registry) as source:
-            with progress.step(f"Resolving {ref} …"):
+            with step(f"Resolving {ref} …", quiet=quiet):
                 digest = ref.digest or source.resolve(ref)
-            with progress.step(f"Copying {ref.repository}@{digest[:19]} …"):
+            with step(f"Copying {ref.repository}@{digest[:19]} …", quiet=quiet):
                 return copy_image(source, ref.repository, digest, platform, repository).digest
 
 
@@ -159,12 +138,11 @@ def deploy(
     manifest = parse_manifest(text, source=str(manifest_file))
     session = Session.load(org=org, app=app or manifest.app, env=env)
     org_name, app_name, env_name = session.org(), session.app(), _env(session)
-    progress = Progress(quiet=as_json)
     with session.client() as api:
         registry = _registry(api)
         repository = f"{org_name}/{app_name}"
-        digest = _image_into_registry(image, registry, repository, progress)
-        with progress.step(f"Creating release of {repository}@{digest[:19]} in {env_name} …"):
+        digest = _image_into_registry(image, registry, repository, as_json)
+        with step(f"Creating release of {repository}@{digest[:19]} in {env_name} …", quiet=as_json):
             result = api.deploy(
                 org_name, app_name, env_name, repository=repository, digest=digest, manifest=text
             )

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import click
@@ -55,3 +56,17 @@ def when(value: dt.datetime | None) -> str:
     if value is None:
         return "-"
     return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+@contextlib.contextmanager
+def step(text: str, *, quiet: bool = False) -> Iterator[None]:
+    """Announce a long step: a spinner on a terminal, a plain line on stderr otherwise,
+    nothing when ``quiet`` (``--json``: stdout and stderr stay machine-readable)."""
+    if quiet:
+        yield
+    elif sys.stderr.isatty():
+        with console().status(text):
+            yield
+    else:
+        click.echo(text, err=True)
+        yield

@@ -13,14 +13,13 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Iterator
 
 import click
 import httpx
 
 from ember import __version__
 from ember.cli.config import CliConfig, config_path, load_file, save_file
-from ember.cli.output import console, emit_fields, emit_json
+from ember.cli.output import console, emit_fields, emit_json, step
 from ember.core.catalog import StackStarted, StackStopped
 from ember.core.errors import Unavailable
 from ember.core.events import ANY, Metadata, NewEvent
@@ -174,14 +173,14 @@ def up(ops: OpsContext) -> None:
     info: dict[str, object] = {"home": str(ops.settings.home)}
     if embedded:
         cluster = LocalCluster(ops.settings.postgres_dir)
-        with _progress(ops, "Preparing the embedded PostgreSQL cluster…"):
+        with step("Preparing the embedded PostgreSQL cluster…", quiet=ops.as_json):
             info["postgres_created"] = cluster.init()
             info["postgres_started"] = cluster.start()
             cluster.ensure_database()
         info["postgres"] = f"embedded, {cluster.data_dir}"
     else:
         info["postgres"] = "external (EMBER_DATABASE_URL)"
-    with _progress(ops, "Migrating the schema…"):
+    with step("Migrating the schema…", quiet=ops.as_json):
         info["migrations_applied"] = [
             f"{m.version:04d}_{m.name}" for m in migrations.migrate(ops.database_url)
         ]
@@ -193,7 +192,7 @@ def up(ops: OpsContext) -> None:
     result = ops.event_log().append(
         STACK_STREAM, ANY, [NewEvent.of(started, Metadata(actor="ember dev up"))]
     )
-    with _progress(ops, "Starting the registry, the API and the controller…"):
+    with step("Starting the registry, the API and the controller…", quiet=ops.as_json):
         info["services_started"] = _start_services(ops)
     token = _ensure_admin(ops)
     runner = ops.projections()
@@ -284,12 +283,3 @@ def _record_stop(ops: OpsContext) -> None:
         STACK_STREAM, ANY, [NewEvent.of(stopped, Metadata(actor="ember dev down"))]
     )
     ops.projections().catch_up()
-
-
-@contextlib.contextmanager
-def _progress(ops: OpsContext, text: str) -> Iterator[None]:
-    if ops.as_json or not sys.stderr.isatty():
-        yield
-        return
-    with console().status(text):
-        yield

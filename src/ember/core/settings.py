@@ -9,6 +9,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from ember.core.errors import ValidationFailed
 
@@ -34,20 +35,20 @@ class Settings:
         return self.home / "registry"
 
 
-def load_settings(environ: Mapping[str, str], **overrides: object) -> Settings:
-    """Resolve settings from an environment mapping plus explicit overrides (flags)."""
+def load_settings(environ: Mapping[str, str], **overrides: Any) -> Settings:
+    """Resolve settings from an environment mapping plus explicit overrides (flags; a
+    None override means "not given")."""
     home_raw = environ.get("EMBER_HOME") or os.path.join(
         environ.get("XDG_DATA_HOME") or os.path.join(environ.get("HOME", "/root"), ".local/share"),
         "ember",
     )
-    values: dict[str, object] = {
-        "home": Path(home_raw).expanduser(),
-        "database_url": environ.get("EMBER_DATABASE_URL") or None,
-        "api_port": _port(environ, "EMBER_API_PORT", 7070),
-        "registry_port": _port(environ, "EMBER_REGISTRY_PORT", 5050),
-    }
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return Settings(**values)  # type: ignore[arg-type]
+    settings = Settings(
+        home=Path(home_raw).expanduser(),
+        database_url=environ.get("EMBER_DATABASE_URL") or None,
+        api_port=_port(environ, "EMBER_API_PORT", 7070),
+        registry_port=_port(environ, "EMBER_REGISTRY_PORT", 5050),
+    )
+    return dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def _port(environ: Mapping[str, str], name: str, default: int) -> int:

@@ -44,7 +44,7 @@ def generate(kind: TokenKind = TokenKind.USER) -> str:
 def looks_valid(token: str) -> bool:
     """Format and checksum only (offline): what a secret scanner checks."""
     m = TOKEN_RE.match(token)
-    return bool(m) and _checksum(m.group(2)) == m.group(3)  # type: ignore[union-attr]
+    return m is not None and _checksum(m.group(2)) == m.group(3)
 
 
 def kind_of(token: str) -> TokenKind | None:

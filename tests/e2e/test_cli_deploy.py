@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ember.client.oci import ImageConfig, OciLayout, RegistryClient, build_image, write_archive
-from tests.e2e.test_cli_dev_stack import stack_env
+from tests.support.stack import stack_env
 
 EMBER = str(Path(sys.executable).parent / "ember")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.support.stack import stack_env
 
 EMBER = str(Path(sys.executable).parent / "ember")
 
@@ -31,29 +32,6 @@ def ember(
     )
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc
-
-
-def stack_env(home: Path) -> dict[str, str]:
-    """A private stack: its own home, CLI config, API port and registry port."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("EMBER_")}
-    return {
-        **base,
-        "EMBER_HOME": str(home),
-        "EMBER_CONFIG": str(home / "cli.toml"),
-        "EMBER_API_PORT": str(_port_for(home)),
-        "EMBER_REGISTRY_PORT": str(_port_for(home, ".registry-port")),
-    }
-
-
-def _port_for(home: Path, name: str = ".port") -> int:
-    cached = home / name
-    if cached.exists():
-        return int(cached.read_text())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    cached.write_text(str(port))
-    return port
 
 
 @pytest.fixture(scope="module")

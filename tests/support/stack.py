@@ -1,0 +1,31 @@
+"""A private single-node stack for a test: its own home, CLI config and ports, so test
+stacks never collide with each other or with a developer's `ember dev up`."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+
+def stack_env(home: Path) -> dict[str, str]:
+    """A private stack: its own home, CLI config, API port and registry port."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("EMBER_")}
+    return {
+        **base,
+        "EMBER_HOME": str(home),
+        "EMBER_CONFIG": str(home / "cli.toml"),
+        "EMBER_API_PORT": str(_port_for(home)),
+        "EMBER_REGISTRY_PORT": str(_port_for(home, ".registry-port")),
+    }
+
+
+def _port_for(home: Path, name: str = ".port") -> int:
+    cached = home / name
+    if cached.exists():
+        return int(cached.read_text())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    cached.write_text(str(port))
+    return port

@@ -9,7 +9,6 @@ import json
 import os
 import pty
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from ember.cli.config import CliConfig, save_file
 from ember.client import Client
 from ember.dev.postgres import LocalCluster
 from tests.support import pg
+from tests.support.net import free_port
 
 EMBER = str(Path(sys.executable).parent / "ember")
 T = TypeVar("T")
@@ -37,13 +37,6 @@ def concurrently(*calls: Callable[[], T]) -> list[T]:
     with ThreadPoolExecutor(max_workers=4) as pool:
         futures = [pool.submit(call) for call in calls]
         return [f.result() for f in futures]
-
-
-def free_port() -> int:
-    """A port nothing listens on (bound and released: closed until someone takes it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -7,7 +7,6 @@ import ctypes
 import dataclasses
 import json
 import shutil
-import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ import pytest
 
 from ember.dev import registry
 from ember.dev.processes import Supervisor
+from tests.support.net import free_port
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,12 +31,6 @@ class RunningRegistry:
         """Where distribution's filesystem driver keeps a blob's (or manifest's) bytes."""
         hex_ = digest.split(":", 1)[1]
         return self.storage / "docker/registry/v2/blobs/sha256" / hex_[:2] / hex_ / "data"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def bcrypt(password: str) -> str:

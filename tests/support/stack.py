@@ -4,8 +4,9 @@ stacks never collide with each other or with a developer's `ember dev up`."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
+
+from tests.support.net import free_port
 
 
 def stack_env(home: Path) -> dict[str, str]:
@@ -24,8 +25,6 @@ def _port_for(home: Path, name: str = ".port") -> int:
     cached = home / name
     if cached.exists():
         return int(cached.read_text())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = free_port()
     cached.write_text(str(port))
     return port

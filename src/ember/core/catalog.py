@@ -6,12 +6,15 @@ validates appends and upcasts reads against this one registry.
 
 from __future__ import annotations
 
-from ember.core import releases, tenancy
+from ember.core import hosts, instances, releases, tenancy, workloads
 from ember.core.events import EventData, EventRegistry
 
 REGISTRY = EventRegistry()
 REGISTRY.include(tenancy.REGISTRY)
 REGISTRY.include(releases.REGISTRY)
+REGISTRY.include(hosts.REGISTRY)
+REGISTRY.include(instances.REGISTRY)
+REGISTRY.include(workloads.REGISTRY)
 
 
 @REGISTRY.register

@@ -84,6 +84,8 @@ class Metadata(pydantic.BaseModel):
     correlation_id: str | None = None
     idempotency_key: str | None = None
     trace_id: str | None = None
+    leader_epoch: int | None = None
+    """Set on the controller's writes: the lease epoch they were fenced with."""
 
 
 class EventData(pydantic.BaseModel):

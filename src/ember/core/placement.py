@@ -8,7 +8,10 @@ Rules, in the order they filter hosts for one instance:
 
 1. only ``ready`` hosts receive anything new (cordoned, draining and down hosts keep what
    they run but get nothing more);
-2. a demand with a volume goes only to the host holding that volume;
+2. a demand with a volume goes only to the host holding that volume, and nowhere while
+   an instance has the volume attached (a volume attaches to one instance): an existing
+   allocation listing it in ``volume_ids``, or an instance placed earlier in the same
+   plan. That check comes before all others; its reason names the instance;
 3. required labels must all match, and the region must match when one is asked for;
 4. memory is a hard cap: existing + new ``memory_mb + per_vm_overhead_mb`` never exceeds
    ``host memory_mb - host_reserve_mb``;
@@ -19,7 +22,8 @@ Among the hosts left, an instance goes to the host with the fewest instances of 
 (existing + placed so far in this plan), then the most free memory, then the smallest host
 id. Demands pinned to a volume are placed first (they have exactly one candidate), then
 the others, each in the order given. Host order in the snapshot and mapping order never
-change the plan.
+change the plan. The choice is made without scanning every host for every instance (see
+:class:`_Planner`); ``overcommitted`` checks a plan's memory for benchmarks and tests.
 
 Errors (bad input is refused when the objects are built; nothing is half-placed)::
 
@@ -29,10 +33,12 @@ Errors (bad input is refused when the objects are built; nothing is half-placed)
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import enum
+import heapq
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TypeVar
 
@@ -50,6 +56,7 @@ __all__ = [
     "Plan",
     "Snapshot",
     "Unplaced",
+    "overcommitted",
     "place",
 ]
 
@@ -246,7 +253,7 @@ def _fmt_cpus(millis: int) -> str:
     return f"{millis / 1000:g}"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Load:
     """Mutable working copy of one host's remaining capacity while a plan is built."""
 
@@ -254,6 +261,10 @@ class _Load:
     free_mb: int
     free_millicpus: int
     per_group: dict[GroupKey, int]
+    listed: tuple[int, str] = (0, "")
+    """This host's entry ``(-free_mb, host id)`` in every :class:`_Pool` order it is in."""
+    pools: list[list[tuple[int, str]]] = dataclasses.field(default_factory=list)
+    """The orders of the pools this host belongs to."""
 
 
 def _initial_load(host: Host, config: PlacementConfig) -> _Load:
@@ -265,11 +276,13 @@ def _initial_load(host: Host, config: PlacementConfig) -> _Load:
         used_mb += a.memory_mb + config.per_vm_overhead_mb
         used_millis += _millicpus(a.cpus)
     cap_millis = math.floor(round(host.vcpus * config.cpu_oversubscription * 1000, 6))
+    free_mb = host.memory_mb - config.host_reserve_mb - used_mb
     return _Load(
         host=host,
-        free_mb=host.memory_mb - config.host_reserve_mb - used_mb,
+        free_mb=free_mb,
         free_millicpus=cap_millis - used_millis,
         per_group=per_group,
+        listed=(-free_mb, host.id),
     )
 
 
@@ -296,63 +309,219 @@ def _state_summary(loads: Sequence[_Load]) -> str:
     return ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
 
 
+@dataclasses.dataclass(eq=False)
+class _Pool:
+    """The ready hosts matching one (labels, region) constraint, most free memory first.
+
+    ``order`` holds ``(-free_mb, host id)`` and is kept sorted as placements shrink hosts
+    (see :meth:`_Planner.relist`), so demands with the same constraints share one filter.
+    """
+
+    order: list[tuple[int, str]]
+    members: frozenset[str]
+
+
+class _Planner:
+    """The working state of one :func:`place` call.
+
+    The choice for one instance is the minimum of ``(instances of the group on the host,
+    -free_mb, host id)`` over the eligible hosts that still fit it. It is found without
+    scanning every host, using two facts that hold while one demand is being placed:
+
+    - free capacity only shrinks, so a host that does not fit the demand now never will
+      again during that demand;
+    - only the chosen host changes, and it then holds the group; so among hosts without
+      the group, the order by ``(-free_mb, host id)`` taken when the demand starts stays
+      the order, and the first one that fits wins (a group count of 0 beats any other).
+
+    So a demand first walks its pool's order once, taking hosts without the group; when
+    none is left it continues with a heap of the hosts holding the group (few, or the
+    demand is large), keyed like the choice. The pools' orders are brought up to date after
+    each demand.
+    """
+
+    def __init__(self, snapshot: Snapshot, config: PlacementConfig) -> None:
+        self.loads = [_initial_load(h, config) for h in sorted(snapshot.hosts, key=_host_id)]
+        self.by_id = {load.host.id: load for load in self.loads}
+        self.holding: dict[GroupKey, dict[str, _Load]] = {}
+        """Group -> the hosts with at least one instance of it (existing or placed)."""
+        for load in self.loads:
+            for group in load.per_group:
+                self.holding.setdefault(group, {})[load.host.id] = load
+        self.pools: dict[tuple[frozenset[tuple[str, str]], str | None], _Pool] = {}
+
+    def pool(self, demand: Demand) -> _Pool:
+        key = (frozenset(demand.labels.items()), demand.region)
+        found = self.pools.get(key)
+        if found is None:
+            members = [
+                load
+                for load in self.loads
+                if load.host.state is HostState.READY and _matches(load.host, demand)
+            ]
+            found = _Pool(
+                order=sorted(load.listed for load in members),
+                members=frozenset(load.host.id for load in members),
+            )
+            for load in members:
+                load.pools.append(found.order)
+            self.pools[key] = found
+        return found
+
+    def take(self, load: _Load, group: GroupKey, need_mb: int, need_millis: int) -> None:
+        load.free_mb -= need_mb
+        load.free_millicpus -= need_millis
+        load.per_group[group] = load.per_group.get(group, 0) + 1
+        self.holding.setdefault(group, {})[load.host.id] = load
+
+    def relist(self, touched: Iterable[_Load]) -> None:
+        """Move hosts whose free memory changed to their new place in every pool order."""
+        for load in touched:
+            new = (-load.free_mb, load.host.id)
+            if new == load.listed:
+                continue
+            for order in load.pools:
+                del order[bisect.bisect_left(order, load.listed)]
+                bisect.insort(order, new)
+            load.listed = new
+
+    def choose(self, demand: Demand, need_mb: int, need_millis: int) -> list[_Load]:
+        """The hosts for ``demand``'s instances, in order, placing them as it goes.
+
+        Shorter than ``demand.instances`` when the next instance fits nowhere.
+        """
+        group = demand.group
+        count = len(demand.instances)
+        pool = self.pool(demand)
+        by_id = self.by_id
+        chosen: list[_Load] = []
+        # Hosts without the group, in the order taken when the demand started (``relist``
+        # brings it up to date only after the demand).
+        for neg_free_mb, host_id in pool.order:
+            if len(chosen) == count or -neg_free_mb < need_mb:
+                break  # done, or the rest have no more free memory than this one had
+            load = by_id[host_id]
+            if load.free_millicpus < need_millis or load.per_group.get(group):
+                continue  # too little CPU, or holds the group (maybe since just now)
+            self.take(load, group, need_mb, need_millis)
+            chosen.append(load)
+        if len(chosen) < count:
+            # Every host left that fits holds the group.
+            heap = [
+                (load.per_group[group], -load.free_mb, host_id)
+                for host_id, load in self.holding.get(group, {}).items()
+                if host_id in pool.members
+                and load.free_mb >= need_mb
+                and load.free_millicpus >= need_millis
+            ]
+            heapq.heapify(heap)
+            while heap and len(chosen) < count:
+                _, _, host_id = heapq.heappop(heap)
+                load = by_id[host_id]
+                if load.free_mb < need_mb or load.free_millicpus < need_millis:
+                    continue  # it will not fit this demand again
+                self.take(load, group, need_mb, need_millis)
+                chosen.append(load)
+                heapq.heappush(heap, (load.per_group[group], -load.free_mb, host_id))
+        self.relist(chosen)
+        return chosen
+
+
+def _host_id(host: Host) -> str:
+    return host.id
+
+
+def _attached_text(instance: int | str, demand_index: int | None) -> str:
+    if demand_index is None or isinstance(instance, str):
+        return f"instance {instance}"
+    return f"instance {instance} of demand {demand_index}"
+
+
 def place(
     snapshot: Snapshot,
     demands: Sequence[Demand],
     config: PlacementConfig = PlacementConfig(),
 ) -> Plan:
     """Assign each demanded instance to a host, or say why it cannot be placed."""
-    loads = [_initial_load(h, config) for h in sorted(snapshot.hosts, key=lambda h: h.id)]
-    by_id = {load.host.id: load for load in loads}
+    planner = _Planner(snapshot, config)
+    loads, by_id = planner.loads, planner.by_id
     overhead = config.per_vm_overhead_mb
     placements: list[Placement] = []
     unplaced: list[Unplaced] = []
+    # Volume id -> who has it attached: existing allocations, then this plan's placements.
+    attached: dict[str, str] = {}
+    for load in loads:
+        for a in load.host.allocations:
+            for volume_id in a.volume_ids:
+                attached.setdefault(volume_id, _attached_text(a.instance_id, None))
 
     order = sorted(range(len(demands)), key=lambda i: demands[i].volume_id is None)
     for index in order:
         demand = demands[index]
         need_mb = demand.memory_mb + overhead
         need_millis = _millicpus(demand.cpus)
-        if demand.volume_id is not None:
-            vol_host = snapshot.volumes.get(demand.volume_id)
-            pinned = by_id.get(vol_host) if vol_host is not None else None
-            eligible = [pinned] if pinned is not None else []
-        else:
-            eligible = loads
-        eligible = [
-            load
-            for load in eligible
-            if load.host.state is HostState.READY and _matches(load.host, demand)
-        ]
         instances = demand.instances
-        for position, instance in enumerate(instances):
-            best: _Load | None = None
-            best_key: tuple[int, int, str] | None = None
-            for load in eligible:
-                if load.free_mb < need_mb or load.free_millicpus < need_millis:
-                    continue
-                key = (load.per_group.get(demand.group, 0), -load.free_mb, load.host.id)
-                if best_key is None or key < best_key:
-                    best, best_key = load, key
-            if best is None:
-                unplaced.append(
-                    Unplaced(
-                        demand_index=index,
-                        demand=demand,
-                        instances=instances[position:],
-                        reason=_reason(snapshot, loads, by_id, demand, config),
-                    )
-                )
-                break
-            best.free_mb -= need_mb
-            best.free_millicpus -= need_millis
-            best.per_group[demand.group] = best.per_group.get(demand.group, 0) + 1
-            placements.append(Placement(index, instance, demand.group, best.host.id))
+        vol = demand.volume_id
+        if vol is not None:  # exactly one instance, at most one candidate
+            if vol in attached:
+                reason = f"volume {vol} is already attached to {attached[vol]}"
+                unplaced.append(Unplaced(index, demand, instances, reason))
+                continue
+            vol_host = snapshot.volumes.get(vol)
+            pinned = by_id.get(vol_host) if vol_host is not None else None
+            if (
+                pinned is None
+                or pinned.host.state is not HostState.READY
+                or not _matches(pinned.host, demand)
+                or pinned.free_mb < need_mb
+                or pinned.free_millicpus < need_millis
+            ):
+                reason = _reason(snapshot, loads, by_id, demand, config)
+                unplaced.append(Unplaced(index, demand, instances, reason))
+                continue
+            planner.take(pinned, demand.group, need_mb, need_millis)
+            planner.relist([pinned])
+            placements.append(Placement(index, instances[0], demand.group, pinned.host.id))
+            attached[vol] = _attached_text(instances[0], index)
+            continue
+        chosen = planner.choose(demand, need_mb, need_millis)
+        for instance, load in zip(instances[: len(chosen)], chosen, strict=True):
+            placements.append(Placement(index, instance, demand.group, load.host.id))
+        if len(chosen) < len(instances):
+            reason = _reason(snapshot, loads, by_id, demand, config)
+            unplaced.append(Unplaced(index, demand, instances[len(chosen) :], reason))
 
     return Plan(
         placements=tuple(placements),
         unplaced=tuple(unplaced),
         versions=_frozen_mapping(snapshot.versions),
+    )
+
+
+def overcommitted(
+    snapshot: Snapshot,
+    demands: Sequence[Demand],
+    plan: Plan,
+    config: PlacementConfig = PlacementConfig(),
+) -> list[str]:
+    """The ids of the hosts whose memory the plan, applied to the snapshot, overcommits.
+
+    A check for benchmarks and tests: a host is listed (sorted by id) when its existing
+    allocations plus the plan's placements on it, each with ``per_vm_overhead_mb``, exceed
+    ``memory_mb - host_reserve_mb``. ``demands`` is the argument the plan was made from
+    (placements carry no sizes). A host already overcommitted in the snapshot is listed
+    even if the plan adds nothing to it; a placement on a host missing from the snapshot
+    counts as overcommitting it.
+    """
+    overhead = config.per_vm_overhead_mb
+    used: dict[str, int] = {}
+    for h in snapshot.hosts:
+        used[h.id] = sum(a.memory_mb + overhead for a in h.allocations)
+    for p in plan.placements:
+        used[p.host_id] = used.get(p.host_id, 0) + demands[p.demand_index].memory_mb + overhead
+    caps = {h.id: h.memory_mb - config.host_reserve_mb for h in snapshot.hosts}
+    return sorted(
+        host_id for host_id, mb in used.items() if host_id not in caps or mb > caps[host_id]
     )
 
 

@@ -6,11 +6,13 @@ EmberError (ember.core.errors)
 └── StoreError                store.error             any other database error
     ├── MigrationFailed       store.migration_failed  a migration is broken or was edited
     └── SchemaNotMigrated     store.not_migrated      tables missing: run migrations
+Conflict
+└── Fenced                    store.fenced            a write under a lease this holder lost
 """
 
 from __future__ import annotations
 
-from ember.core.errors import EmberError, Kind, Unavailable
+from ember.core.errors import Conflict, EmberError, Kind, Unavailable
 
 
 class StoreError(EmberError):
@@ -29,3 +31,10 @@ class MigrationFailed(StoreError):
 class SchemaNotMigrated(StoreError):
     code = "store.not_migrated"
     kind = Kind.UNAVAILABLE
+
+
+class Fenced(Conflict):
+    """The writer's lease epoch is no longer current: another leader took over (or the
+    lease expired). Nothing of the write was kept."""
+
+    code = "store.fenced"

@@ -13,6 +13,7 @@ no skipped events, and no wall-clock gap timeout.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterator, Sequence
@@ -36,6 +37,7 @@ from ember.core.events import (
     request_hash,
 )
 from ember.store.db import Database, connect
+from ember.store.errors import Fenced
 
 CHANNEL: Final = "ember_events"
 MAX_EVENTS_PER_APPEND: Final = 1000
@@ -91,6 +93,48 @@ LIMIT %s
 """
 
 
+@dataclasses.dataclass(frozen=True)
+class StreamAppend:
+    stream_id: str
+    expected_version: ExpectedVersion
+    events: Sequence[NewEvent]
+
+
+@dataclasses.dataclass(frozen=True)
+class Fence:
+    """A lease held at an epoch (ember.store.leases)."""
+
+    name: str
+    holder: str
+    epoch: int
+
+
+def lease_lock_key(name: str) -> str:
+    return f"lease:{name}"
+
+
+def check_fence(conn: psycopg.Connection, fence: Fence) -> None:
+    """Inside the caller's transaction: refuse unless ``fence`` is the current, unexpired
+    lease. The shared advisory lock makes a takeover (which takes it exclusively) wait for
+    writes already past this check, and writes after the takeover see the new epoch —
+    without giving this transaction an xid before its appends read the stream heads."""
+    conn.execute(
+        "SELECT pg_advisory_xact_lock_shared(hashtextextended(%s, 2))",
+        (lease_lock_key(fence.name),),
+    )
+    row = conn.execute(
+        "SELECT epoch FROM leases WHERE name = %s AND holder = %s AND epoch = %s "
+        "AND expires_at > clock_timestamp()",
+        (fence.name, fence.holder, fence.epoch),
+    ).fetchone()
+    if row is None:
+        raise Fenced(
+            f"lease {fence.name!r} epoch {fence.epoch} is no longer held by this process",
+            hint="another controller is the leader now; this one steps down",
+            detail={"lease": fence.name, "epoch": fence.epoch},
+        )
+
+
 class EventLog:
     """Append to and read from the event log. Thread-safe: connections come from the pool."""
 
@@ -141,6 +185,39 @@ class EventLog:
                 key=idempotency_key,
                 fingerprint=request_hash(stream_id, expected_version, checked),
             )
+
+    def append_many(
+        self, appends: Sequence[StreamAppend], *, fence: Fence | None = None
+    ) -> list[AppendResult]:
+        """Append to several streams in one transaction: all of it or nothing.
+
+        Each stream is checked against its expected version (a stale plan conflicts as a
+        whole). With ``fence``, the write is kept only while the lease ``fence`` names is
+        still held at that epoch (:class:`Fenced` otherwise): a leader that lost its lease
+        while paused cannot write after waking up.
+        """
+        streams = [a.stream_id for a in appends]
+        if len(set(streams)) != len(streams):
+            raise ValidationFailed("one append per stream", detail={"field": "appends"})
+        prepared = []
+        for a in appends:
+            check_stream_id(a.stream_id)
+            check_expected_version(a.expected_version)
+            if not a.events or len(a.events) > MAX_EVENTS_PER_APPEND:
+                raise ValidationFailed(
+                    f"1-{MAX_EVENTS_PER_APPEND} events per stream", detail={"field": "events"}
+                )
+            checked = [self.registry.validate(e) for e in a.events]
+            prepared.append((a, _append_params(a.stream_id, a.expected_version, checked)))
+        if not prepared:
+            return []
+        with self.db.connection() as conn, conn.transaction():
+            if fence is not None:
+                check_fence(conn, fence)
+            for a in sorted(appends, key=lambda a: a.stream_id):
+                if a.expected_version == ANY:
+                    _lock_stream(conn, a.stream_id)
+            return [_run_append(conn, a.stream_id, a.expected_version, p) for a, p in prepared]
 
     # -- reading -------------------------------------------------------------------------
 

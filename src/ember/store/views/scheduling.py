@@ -1,0 +1,155 @@
+"""The ``scheduling`` projection: hosts, instances and workloads (migration 0004).
+
+Instance state moves through :func:`ember.core.instances.next_state`, which is monotone,
+so reports racing with the controller's own events cannot resurrect an ended instance.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from ember.core import workloads
+from ember.core.events import RecordedEvent
+from ember.core.instances import InstanceState, next_state
+from ember.store.projections import first_delivery
+
+_HOST_ADMIN = {
+    "host.cordoned": "cordoned",
+    "host.uncordoned": "ready",
+    "host.drain_started": "draining",
+}
+_INSTANCE_STREAMS = ("workload-", "host-", "instance-")
+
+
+class SchedulingProjection:
+    name = "scheduling"
+    tables = ("view_scheduling_streams", "view_hosts", "view_instances", "view_workloads")
+
+    def apply(self, cur: psycopg.Cursor[Any], event: RecordedEvent) -> None:
+        if not event.stream_id.startswith(_INSTANCE_STREAMS):
+            return
+        if not first_delivery(cur, "view_scheduling_streams", event):
+            return
+        d, t, at = event.data, event.type, event.recorded_at
+        if event.stream_id.startswith("host-"):
+            self._host(cur, event)
+        if event.stream_id.startswith("workload-"):
+            self._workload(cur, event)
+        if t == "instance.created":
+            spec = d["spec"]
+            cur.execute(
+                "INSERT INTO view_instances VALUES (%s, %s, %s, %s, %s, %s, %s, %s, 'pending', "
+                "NULL, %s, %s, '', NULL, %s, %s) ON CONFLICT DO NOTHING",
+                (
+                    d["instance_id"],
+                    d["app_id"],
+                    d["env"],
+                    d["process"],
+                    spec["release_version"],
+                    d["spec_hash"],
+                    Jsonb(spec),
+                    d.get("rollout_id"),
+                    spec["memory_mb"],
+                    spec["cpus"],
+                    at,
+                    at,
+                ),
+            )
+        elif t.startswith("instance."):
+            self._transition(cur, event)
+
+    def _host(self, cur: psycopg.Cursor[Any], event: RecordedEvent) -> None:
+        d, t, at = event.data, event.type, event.recorded_at
+        if t == "host.registered":
+            cur.execute(
+                """INSERT INTO view_hosts VALUES (%s, %s, %s, %s, %s, %s, %s, 'ready', false,
+                       %s, %s, %s)
+                   ON CONFLICT (host_id) DO UPDATE SET vcpus = EXCLUDED.vcpus,
+                       memory_mb = EXCLUDED.memory_mb, disk_mb = EXCLUDED.disk_mb,
+                       labels = EXCLUDED.labels, region = EXCLUDED.region,
+                       address = EXCLUDED.address""",
+                (
+                    d["host_id"],
+                    d["vcpus"],
+                    d["memory_mb"],
+                    d["disk_mb"],
+                    Jsonb(d.get("labels", {})),
+                    d.get("region", ""),
+                    d.get("address", ""),
+                    event.stream_version,
+                    at,
+                    at,
+                ),
+            )
+        elif t in _HOST_ADMIN:
+            cur.execute(
+                "UPDATE view_hosts SET admin_state = %s, state_since = %s WHERE host_id = %s",
+                (_HOST_ADMIN[t], at, d["host_id"]),
+            )
+        elif t in ("host.marked_down", "host.recovered"):
+            cur.execute(
+                "UPDATE view_hosts SET down = %s, state_since = %s WHERE host_id = %s",
+                (t == "host.marked_down", at, d["host_id"]),
+            )
+        cur.execute(
+            "UPDATE view_hosts SET version = %s WHERE host_id = %s",
+            (event.stream_version, event.stream_id.removeprefix("host-")),
+        )
+
+    def _workload(self, cur: psycopg.Cursor[Any], event: RecordedEvent) -> None:
+        app_id, _, env = event.stream_id.removeprefix("workload-").rpartition(".")
+        cur.execute(
+            "SELECT state FROM view_workloads WHERE app_id = %s AND env = %s FOR UPDATE",
+            (app_id, env),
+        )
+        row = cur.fetchone()
+        state = workloads.WorkloadState.model_validate(row[0]) if row else workloads.WorkloadState()
+        workloads.apply(state, event)
+        cur.execute(
+            """INSERT INTO view_workloads VALUES (%s, %s, %s, %s, %s)
+               ON CONFLICT (app_id, env) DO UPDATE SET version = EXCLUDED.version,
+                   state = EXCLUDED.state, updated_at = EXCLUDED.updated_at""",
+            (
+                app_id,
+                env,
+                event.stream_version,
+                Jsonb(state.model_dump(mode="json")),
+                event.recorded_at,
+            ),
+        )
+
+    def _transition(self, cur: psycopg.Cursor[Any], event: RecordedEvent) -> None:
+        d = event.data
+        cur.execute(
+            "SELECT state FROM view_instances WHERE instance_id = %s FOR UPDATE",
+            (d["instance_id"],),
+        )
+        row = cur.fetchone()
+        if row is None:
+            return
+        new = next_state(InstanceState(row[0]), event.type)
+        if new is None:
+            return
+        host = d.get("host_id") if event.type == "instance.assigned" else None
+        reason = str(d.get("reason", ""))
+        cur.execute(
+            """UPDATE view_instances SET state = %s, state_since = %s,
+                   host_id = coalesce(%s, host_id),
+                   reason = CASE WHEN %s <> '' THEN %s
+                                 WHEN %s IN ('starting', 'healthy') THEN '' ELSE reason END,
+                   exit_code = coalesce(%s, exit_code)
+               WHERE instance_id = %s""",
+            (
+                new.value,
+                event.recorded_at,
+                host,
+                reason,
+                reason,
+                new.value,
+                d.get("exit_code"),
+                d["instance_id"],
+            ),
+        )

@@ -46,6 +46,8 @@ class ReleasePromoted(EventData):
     app_id: str
     env: str
     version: int
+    auto_rollback: bool = False
+    """If its rollout halts, the controller promotes the previous release again."""
 
 
 def releases_stream(app_id: str, env: str) -> str:
@@ -110,6 +112,7 @@ def decide_deploy(
     contents: Contents,
     manifest: dict[str, Any],
     author: str,
+    auto_rollback: bool = False,
 ) -> list[EventData]:
     """A new release promoted now, or nothing when the live release is identical."""
     if state.active is not None and state.contents(state.active) == contents:
@@ -128,7 +131,7 @@ def decide_deploy(
             author=author,
             reason="deploy",
         ),
-        ReleasePromoted(app_id=app_id, env=env, version=version),
+        ReleasePromoted(app_id=app_id, env=env, version=version, auto_rollback=auto_rollback),
     ]
 
 

@@ -42,6 +42,21 @@ class ReleasesProjection:
             )
         elif event.type == "release.promoted":
             cur.execute(
+                """UPDATE view_releases SET previous_active = (
+                       SELECT version FROM view_releases
+                       WHERE app_id = %s AND env = %s AND status = 'active'),
+                       auto_rollback = %s
+                   WHERE app_id = %s AND env = %s AND version = %s""",
+                (
+                    d["app_id"],
+                    d["env"],
+                    bool(d.get("auto_rollback", False)),
+                    d["app_id"],
+                    d["env"],
+                    d["version"],
+                ),
+            )
+            cur.execute(
                 """UPDATE view_releases SET status = CASE WHEN version = %s THEN 'active'
                                                          ELSE 'superseded' END
                    WHERE app_id = %s AND env = %s AND (version = %s OR status = 'active')""",

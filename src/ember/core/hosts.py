@@ -22,6 +22,7 @@ Errors::
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import re
 from collections.abc import Iterable, Mapping
 
@@ -191,3 +192,31 @@ def decide_admin(rec: HostRecord, host_id: str, action: str) -> list[EventData]:
     if rec.admin_state is state:
         return []
     return [event(host_id=host_id)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Liveness:
+    host_id: str
+    down: bool
+    last_seen: dt.datetime
+
+
+def liveness_changes(
+    hosts: Iterable[Liveness], now: dt.datetime, timeout_s: float
+) -> tuple[list[HostMarkedDown], list[HostRecovered]]:
+    """Hosts silent for longer than ``timeout_s`` go down; a down host heard from again
+    within the timeout recovers."""
+    down: list[HostMarkedDown] = []
+    recovered: list[HostRecovered] = []
+    for h in sorted(hosts, key=lambda h: h.host_id):
+        silent = (now - h.last_seen).total_seconds()
+        if not h.down and silent > timeout_s:
+            down.append(
+                HostMarkedDown(
+                    host_id=h.host_id,
+                    reason=f"no heartbeat for {silent:.0f}s (timeout {timeout_s:g}s)",
+                )
+            )
+        elif h.down and silent <= timeout_s:
+            recovered.append(HostRecovered(host_id=h.host_id))
+    return down, recovered

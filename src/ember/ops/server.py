@@ -47,12 +47,88 @@ def api(ops: OpsContext, host: str, port: int, workers: int) -> None:
 
 @server.command()
 @click.option("--batch-size", type=click.IntRange(1, 10_000), default=500, show_default=True)
+@click.option(
+    "--lease-ttl",
+    type=click.FloatRange(0.5, 600),
+    default=10.0,
+    show_default=True,
+    envvar="EMBER_CONTROLLER_LEASE_TTL",
+    help="seconds a leader may stay silent before a standby takes over",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(0.05, 60),
+    default=0.5,
+    show_default=True,
+    envvar="EMBER_CONTROLLER_INTERVAL",
+    help="seconds between passes",
+)
+@click.option(
+    "--heartbeat-timeout",
+    type=click.FloatRange(1, 3600),
+    default=30.0,
+    show_default=True,
+    envvar="EMBER_HEARTBEAT_TIMEOUT",
+    help="seconds without a heartbeat before a host is marked down",
+)
+@click.option(
+    "--rollout-deadline",
+    type=click.FloatRange(1, 86400),
+    default=300.0,
+    show_default=True,
+    envvar="EMBER_ROLLOUT_DEADLINE",
+    help="seconds a rollout's new instances have to become healthy",
+)
+@click.option(
+    "--cpu-oversubscription",
+    type=click.FloatRange(0.1, 64),
+    default=4.0,
+    show_default=True,
+    envvar="EMBER_CPU_OVERSUBSCRIPTION",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    envvar="EMBER_CONTROLLER_METRICS_PORT",
+    help="serve Prometheus metrics on 127.0.0.1:PORT (0: off)",
+)
 @pass_ops
-def controller(ops: OpsContext, batch_size: int) -> None:
-    """Projectors (and, later, the scheduler and reconcilers). Stops cleanly on SIGTERM."""
+def controller(
+    ops: OpsContext,
+    batch_size: int,
+    lease_ttl: float,
+    interval: float,
+    heartbeat_timeout: float,
+    rollout_deadline: float,
+    cpu_oversubscription: float,
+    metrics_port: int,
+) -> None:
+    """Projectors, scheduler and reconcilers, while this process holds the controller
+    lease (others stand by). Stops cleanly on SIGTERM, handing the lease over."""
+    import logging
+
+    from prometheus_client import start_http_server
+
+    from ember.control.controller import Controller, ControllerConfig, Metrics
+    from ember.core.placement import PlacementConfig
+    from ember.core.reconcile import ReconcileConfig
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     migrations.migrate(ops.database_url)
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
-    click.echo("controller: running projections", err=True)
-    ops.projections().run_forever(batch_size=batch_size, stop=stopping.is_set)
+    config = ControllerConfig(
+        lease_ttl_s=lease_ttl,
+        interval_s=interval,
+        heartbeat_timeout_s=heartbeat_timeout,
+        placement=PlacementConfig(cpu_oversubscription=cpu_oversubscription),
+        reconcile=ReconcileConfig(rollout_deadline_s=rollout_deadline),
+    )
+    metrics = Metrics()
+    if metrics_port:
+        start_http_server(metrics_port, addr="127.0.0.1", registry=metrics.registry)
+    ctl = Controller(ops.event_log(), ops.projections(), config, metrics=metrics)
+    click.echo(f"controller {ctl.holder}: standing by for the lease", err=True)
+    ctl.run(stopping.is_set, batch_size=batch_size)

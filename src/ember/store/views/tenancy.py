@@ -59,9 +59,16 @@ class TenancyProjection:
 
     def _user_created(self, cur: psycopg.Cursor[Any], d: Any, at: Any) -> None:
         cur.execute(
-            "INSERT INTO view_users VALUES (%s, %s, %s, %s)",
+            "INSERT INTO view_users (user_id, email, name, created_at, operator) "
+            "VALUES (%s, %s, %s, %s, false)",
             (d["user_id"], d["email"], d.get("name", ""), at),
         )
+
+    def _user_operator_granted(self, cur: psycopg.Cursor[Any], d: Any, at: Any) -> None:
+        cur.execute("UPDATE view_users SET operator = true WHERE user_id = %s", (d["user_id"],))
+
+    def _user_operator_revoked(self, cur: psycopg.Cursor[Any], d: Any, at: Any) -> None:
+        cur.execute("UPDATE view_users SET operator = false WHERE user_id = %s", (d["user_id"],))
 
     def _app_created(self, cur: psycopg.Cursor[Any], d: Any, at: Any) -> None:
         cur.execute(

@@ -3,6 +3,7 @@ cannot write, and no instance is ever assigned twice."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -140,7 +141,7 @@ def test_paused_leader_is_fenced_and_nothing_is_assigned_twice(
             count += 2
             world.scale(web=ProcessScale(count=count))
             try:
-                _wait(lambda: (_leader(world) or ("", 0))[1] > epoch)
+                _wait(lambda e=epoch: (_leader(world) or ("", 0))[1] > e)
             finally:
                 os.kill(paused, signal.SIGCONT)
             for agent in world.agents:
@@ -168,5 +169,5 @@ def test_paused_leader_is_fenced_and_nothing_is_assigned_twice(
             "FROM events WHERE metadata ? 'leader_epoch' GROUP BY 1 ORDER BY 1"
         ).fetchall()
     assert len(spans) >= 2
-    for (e1, _lo1, hi1), (e2, lo2, _hi2) in zip(spans, spans[1:], strict=False):
+    for (e1, _lo1, hi1), (e2, lo2, _hi2) in itertools.pairwise(spans):
         assert e1 < e2 and hi1 < lo2, spans

@@ -11,20 +11,31 @@ random demands (counts or instance ids, volumes, labels, regions) and configs:
 - CPU: on every host that receives something new, existing + new cpus <= vcpus * ratio;
 - only ready hosts receive new instances; label and region constraints hold;
 - volume locality: an instance with a volume lands on the volume's host;
+- volume exclusivity: a volume already attached (by an existing allocation, or by an
+  instance placed earlier in the plan) is attached to no new instance;
 - completeness: an unplaced demand fits on none of its eligible hosts in the final state
-  (so the planner never gives up while room is left);
+  (so the planner never gives up while room is left), unless its volume is attached;
 - spread: for a group G and a host h that received new replicas of G from a (non-volume)
   demand d — the last such demand — every host h' that is ready, matches d's constraints
   and still has room for one more instance of d at the end holds at least
   count(h, G) - 1 replicas of G, counting existing allocations plus new placements;
 - determinism: the same input gives an equal plan, also when the snapshot's hosts and
-  mappings are given in another order.
+  mappings are given in another order;
+- equivalence: ``place`` gives exactly the plan of ``_reference_place`` (at the end of
+  this file), the plain scan of every host for every instance that it replaced, over the
+  clusters above and over denser ones (ties in free memory, demands larger than the
+  cluster, many demands sharing a group or constraints);
+- ``overcommitted`` finds no host in any plan ``place`` makes.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import random
 from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -42,6 +53,8 @@ from ember.core.placement import (
     PlacementConfig,
     Plan,
     Snapshot,
+    Unplaced,
+    overcommitted,
     place,
 )
 
@@ -70,6 +83,7 @@ def allocations(draw: st.DrawFn, host_index: int) -> tuple[Allocation, ...]:
             group=draw(st.sampled_from(GROUPS)),
             cpus=draw(st.sampled_from(CPUS)),
             memory_mb=draw(st.sampled_from(INSTANCE_MB)),
+            volume_ids=draw(st.sampled_from([(), (), (), ("vol-0",), ("vol-1", "vol-9")])),
         )
         for i in range(n)
     )
@@ -156,13 +170,18 @@ class Final:
         self.cpu: dict[str, float] = defaultdict(float)
         self.count: dict[tuple[str, GroupKey], int] = defaultdict(int)
         self.new: dict[str, list[Placement]] = defaultdict(list)
+        self.old_volumes: set[str] = set()
+        self.new_volumes: Counter[str] = Counter()
         for h in snapshot.hosts:
             for a in h.allocations:
                 self.add(h.id, a.group, a.cpus, a.memory_mb)
+                self.old_volumes.update(a.volume_ids)
         for p in plan.placements:
             d = demands[p.demand_index]
             self.add(p.host_id, d.group, d.cpus, d.memory_mb)
             self.new[p.host_id].append(p)
+            if d.volume_id is not None:
+                self.new_volumes[d.volume_id] += 1
 
     def add(self, host_id: str, group: GroupKey, cpus: float, memory_mb: int) -> None:
         self.mem[host_id] += memory_mb + self.config.per_vm_overhead_mb
@@ -226,6 +245,11 @@ def test_capacity_ready_constraints_and_volume_locality(scenario):
             assert final.eligible(host, d)
             if d.volume_id is not None:
                 assert snapshot.volumes[d.volume_id] == host_id
+                assert d.volume_id not in final.old_volumes, "volume attached twice"
+                assert final.new_volumes[d.volume_id] == 1, "volume attached twice"
+    assert overcommitted(snapshot, demands, plan, config) == overcommitted(
+        snapshot, [], Plan((), (), {}), config
+    ), "only hosts already overcommitted in the snapshot may be"
 
 
 @PROPERTY
@@ -235,6 +259,9 @@ def test_unplaced_demands_fit_nowhere_they_are_allowed(scenario):
     final = Final(snapshot, demands, config, plan)
     for u in plan.unplaced:
         d = u.demand
+        if d.volume_id in final.old_volumes or final.new_volumes[d.volume_id]:
+            assert u.reason.startswith(f"volume {d.volume_id} is already attached to instance ")
+            continue
         candidates = list(final.hosts.values())
         if d.volume_id is not None:
             candidates = [h for h in candidates if h.id == snapshot.volumes.get(d.volume_id)]
@@ -274,6 +301,115 @@ def test_same_input_same_plan_whatever_the_order_of_hosts(scenario, seed):
     again = place(shuffled, demands, config)
     assert again == plan
     assert dict(again.versions) == dict(snapshot.versions)
+
+
+@st.composite
+def dense_scenarios(draw: st.DrawFn) -> tuple[Snapshot, list[Demand], PlacementConfig]:
+    """Clusters where ties and the later choices matter: few host sizes (equal free memory
+    is common), ids not in creation order, demands larger than the cluster, many demands
+    sharing a group, constraints or a volume, and CPU or memory running out."""
+    ids = draw(st.lists(st.integers(0, 99), min_size=0, max_size=14, unique=True))
+    hosts = tuple(
+        Host(
+            id=f"h{i}",
+            state=draw(st.sampled_from([*[HostState.READY] * 6, *HostState])),
+            vcpus=draw(st.integers(1, 4)),
+            memory_mb=draw(st.sampled_from([1024, 2048, 2048, 4096])),
+            labels=draw(label_subsets()),
+            region=draw(st.sampled_from(REGIONS)),
+            allocations=draw(allocations(i)),
+        )
+        for i in ids
+    )
+    host_ids = [h.id for h in hosts] + ["h-gone"]
+    volumes = {f"vol-{i}": draw(st.sampled_from(host_ids)) for i in range(draw(st.integers(0, 4)))}
+    snapshot = Snapshot(hosts=hosts, volumes=volumes)
+    volume_ids = [*sorted(volumes), "vol-9"]
+    demands = []
+    for i in range(draw(st.integers(0, 12))):
+        volume = draw(st.none() | st.none() | st.sampled_from(volume_ids))
+        if volume is not None:
+            count, instance_ids = (0, (f"v-{i}",)) if draw(st.booleans()) else (1, ())
+        else:
+            count, instance_ids = draw(st.integers(0, 30)), ()
+        demands.append(
+            Demand(
+                group=draw(st.sampled_from(GROUPS)),
+                cpus=draw(st.sampled_from([0.1, 0.25, 0.5, 1.0])),
+                memory_mb=draw(st.sampled_from([96, 224, 256, 480])),
+                count=count,
+                instance_ids=instance_ids,
+                volume_id=volume,
+                labels=draw(st.just({}) if draw(st.booleans()) else label_subsets()),
+                region=draw(st.sampled_from([None, None, *REGIONS])),
+            )
+        )
+    config = draw(
+        st.builds(
+            PlacementConfig,
+            cpu_oversubscription=st.sampled_from([0.5, 1.0, 1.5, 4.0]),
+            per_vm_overhead_mb=st.sampled_from([0, 32]),
+            host_reserve_mb=st.sampled_from([0, 512]),
+        )
+    )
+    return snapshot, demands, config
+
+
+@settings(PROPERTY, max_examples=500)
+@given(scenarios())
+def test_same_plan_as_the_reference_algorithm(scenario):
+    snapshot, demands, config, plan = scenario
+    assert plan == _reference_place(snapshot, demands, config)
+
+
+@settings(PROPERTY, max_examples=500)
+@given(dense_scenarios())
+def test_same_plan_as_the_reference_algorithm_on_dense_clusters(scenario):
+    snapshot, demands, config = scenario
+    plan = place(snapshot, demands, config)
+    assert plan == _reference_place(snapshot, demands, config)
+    assert overcommitted(snapshot, demands, plan, config) == overcommitted(
+        snapshot, [], Plan((), (), {}), config
+    )
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_same_plan_as_the_reference_algorithm_at_a_larger_scale(seed):
+    # Many demands reusing a few pools (label/region constraints) and groups, on a cluster
+    # that fills up: the pools' orders must stay right across hundreds of demands.
+    rng = random.Random(seed)
+    hosts = tuple(
+        Host(
+            id=f"host-{rng.randrange(10**6):06d}-{i}",
+            state=rng.choice([*[HostState.READY] * 8, HostState.CORDONED, HostState.DOWN]),
+            vcpus=rng.choice([2, 4, 8]),
+            memory_mb=rng.choice([4096, 8192, 8192]),
+            labels=rng.choice([{}, {"disk": "ssd"}, LABELS]),
+            region=rng.choice(REGIONS),
+            allocations=tuple(
+                Allocation(f"old-{i}-{j}", rng.choice(GROUPS), 0.5, 480)
+                for j in range(rng.randrange(4))
+            ),
+        )
+        for i in range(60)
+    )
+    groups = [GroupKey(f"app-{g}", "prod", "web") for g in range(40)] + GROUPS
+    demands = [
+        Demand(
+            group=rng.choice(groups),
+            cpus=rng.choice([0.25, 0.5, 1.0]),
+            memory_mb=rng.choice([128, 256, 480, 1000]),
+            count=rng.choice([1, 2, 5, 10, 40, 120]),
+            labels=rng.choice([{}, {}, {"disk": "ssd"}, {"gpu": "a100"}]),
+            region=rng.choice([None, None, *REGIONS]),
+        )
+        for _ in range(300)
+    ]
+    snapshot = Snapshot(hosts=hosts)
+    plan = place(snapshot, demands)
+    assert plan.placements and plan.unplaced  # the cluster fills up part way
+    assert plan == _reference_place(snapshot, demands)
+    assert overcommitted(snapshot, demands, plan) == []
 
 
 # -- examples ------------------------------------------------------------------------------
@@ -487,3 +623,290 @@ def test_snapshot_is_frozen_against_later_mutation():
     volumes["vol-1"] = "h2"
     assert h.labels["disk"] == "ssd"
     assert snap.volumes["vol-1"] == "h1"
+
+
+def test_a_volume_attached_to_an_existing_instance_is_not_attached_again():
+    old = (Allocation("i-9", WEB, 1.0, 256, volume_ids=("vol-1",)),)
+    snap = Snapshot(hosts=(host("h1", allocations=old), host("h2")), volumes={"vol-1": "h1"})
+    plan = place(snap, [web(volume_id="vol-1"), web(volume_id="vol-2")])
+    assert plan.placements == ()
+    assert reasons(plan) == [
+        "volume vol-1 is already attached to instance i-9",
+        "volume vol-2 is not on any known host",
+    ]
+
+
+def test_two_demands_for_one_volume_in_a_plan_place_only_the_first():
+    snap = Snapshot(hosts=(host("h1"),), volumes={"vol-1": "h1", "vol-2": "h1"})
+    plan = place(
+        snap,
+        [
+            web(memory_mb=128),  # flexible demands go after the pinned ones
+            web(volume_id="vol-1"),
+            web(volume_id="vol-1"),
+            Demand(WEB, cpus=1, memory_mb=256, instance_ids=("i-a",), volume_id="vol-2"),
+            Demand(WEB, cpus=1, memory_mb=256, instance_ids=("i-b",), volume_id="vol-2"),
+        ],
+    )
+    assert [(p.demand_index, p.instance) for p in plan.placements] == [(1, 0), (3, "i-a"), (0, 0)]
+    assert plan.unplaced == (
+        Unplaced(
+            2,
+            web(volume_id="vol-1"),
+            (0,),
+            "volume vol-1 is already attached to instance 0 of demand 1",
+        ),
+        Unplaced(
+            4,
+            Demand(WEB, cpus=1, memory_mb=256, instance_ids=("i-b",), volume_id="vol-2"),
+            ("i-b",),
+            "volume vol-2 is already attached to instance i-a",
+        ),
+    )
+
+
+def test_a_volume_demand_that_is_not_placed_does_not_attach_the_volume():
+    snap = Snapshot(hosts=(host("h1", memory_mb=1024), host("h2")), volumes={"vol-1": "h1"})
+    plan = place(snap, [web(volume_id="vol-1", memory_mb=1024), web(volume_id="vol-1")])
+    assert [(p.demand_index, p.host_id) for p in plan.placements] == [(1, "h1")]
+    assert reasons(plan)[0].startswith("volume vol-1 is on h1, which has 512 MB of free memory")
+
+
+def test_overcommitted_finds_a_hand_made_overcommitted_plan():
+    existing = (Allocation("old", WEB, 1.0, 992),)  # 992 + 32 of the 1536 MB usable
+    snap = Snapshot(hosts=(host("h1", memory_mb=2048, allocations=existing), host("h2")))
+    demands = [web(2, memory_mb=224)]
+    fits = place(snap, demands)
+    assert overcommitted(snap, demands, fits) == []
+    # Both on h1: 1024 + 2 * 256 == 1536 exactly fits; a third instance does not.
+    exact = Plan((Placement(0, 0, WEB, "h1"), Placement(0, 1, WEB, "h1")), (), {})
+    assert overcommitted(snap, demands, exact) == []
+    over = [web(3, memory_mb=224)]
+    three = Plan(tuple(Placement(0, i, WEB, "h1") for i in range(3)), (), {})
+    assert overcommitted(snap, over, three) == ["h1"]
+    # 992 + 3 * 224 == 1664 > 1536 even without the overhead; with no reserve it fits.
+    assert overcommitted(snap, over, three, PlacementConfig(per_vm_overhead_mb=0)) == ["h1"]
+    assert overcommitted(snap, over, three, PlacementConfig(host_reserve_mb=0)) == []
+    assert overcommitted(snap, over, Plan((Placement(0, 0, WEB, "h9"),), (), {})) == ["h9"]
+    heavy = Snapshot(hosts=(host("h1", allocations=(Allocation("old", WEB, 1.0, 4000),)),))
+    assert overcommitted(heavy, [], Plan((), (), {})) == ["h1"]  # already, before any plan
+
+
+# -- the reference oracle ------------------------------------------------------------------
+#
+# ``ember.core.placement.place`` as it was before it stopped scanning every host for every
+# instance, kept verbatim (names prefixed) as the specification the fast version must match.
+
+
+def _ref_millicpus(cpus: float) -> int:
+    # Round to 1e-6 first so 0.1 * 1000 does not become 101 thousandths.
+    return math.ceil(round(cpus * 1000, 6))
+
+
+def _ref_fmt_cpus(millis: int) -> str:
+    return f"{millis / 1000:g}"
+
+
+@dataclasses.dataclass
+class _RefLoad:
+    """Mutable working copy of one host's remaining capacity while a plan is built."""
+
+    host: Host
+    free_mb: int
+    free_millicpus: int
+    per_group: dict[GroupKey, int]
+
+
+def _ref_initial_load(host: Host, config: PlacementConfig) -> _RefLoad:
+    per_group: dict[GroupKey, int] = {}
+    used_mb = 0
+    used_millis = 0
+    for a in host.allocations:
+        per_group[a.group] = per_group.get(a.group, 0) + 1
+        used_mb += a.memory_mb + config.per_vm_overhead_mb
+        used_millis += _ref_millicpus(a.cpus)
+    cap_millis = math.floor(round(host.vcpus * config.cpu_oversubscription * 1000, 6))
+    return _RefLoad(
+        host=host,
+        free_mb=host.memory_mb - config.host_reserve_mb - used_mb,
+        free_millicpus=cap_millis - used_millis,
+        per_group=per_group,
+    )
+
+
+def _ref_matches(host: Host, demand: Demand) -> bool:
+    if demand.region is not None and host.region != demand.region:
+        return False
+    return all(host.labels.get(k) == v for k, v in demand.labels.items())
+
+
+def _ref_constraint_text(demand: Demand) -> str:
+    parts = []
+    if demand.region is not None:
+        parts.append(f"region {demand.region!r}")
+    if demand.labels:
+        labels = ", ".join(f"{k}={v}" for k, v in sorted(demand.labels.items()))
+        parts.append(f"labels {labels}")
+    return " and ".join(parts)
+
+
+def _ref_state_summary(loads: Sequence[_RefLoad]) -> str:
+    counts: dict[str, int] = {}
+    for load in loads:
+        counts[load.host.state.value] = counts.get(load.host.state.value, 0) + 1
+    return ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+
+
+def _reference_place(
+    snapshot: Snapshot,
+    demands: Sequence[Demand],
+    config: PlacementConfig | None = None,
+) -> Plan:
+    """The placement algorithm before it was optimized: every host for every instance.
+
+    Copied from ember.core.placement as the oracle ``place`` must agree with exactly; the
+    one addition is the volume-attachment rule (marked below), written the plain way.
+    """
+    config = config or PlacementConfig()
+    loads = [_ref_initial_load(h, config) for h in sorted(snapshot.hosts, key=lambda h: h.id)]
+    by_id = {load.host.id: load for load in loads}
+    overhead = config.per_vm_overhead_mb
+    placements: list[Placement] = []
+    unplaced: list[Unplaced] = []
+    # Added: volume id -> the instance it is attached to.
+    attached: dict[str, str] = {}
+    for h in sorted(snapshot.hosts, key=lambda h: h.id):
+        for a in h.allocations:
+            for vol in a.volume_ids:
+                attached.setdefault(vol, f"instance {a.instance_id}")
+
+    order = sorted(range(len(demands)), key=lambda i: demands[i].volume_id is None)
+    for index in order:
+        demand = demands[index]
+        need_mb = demand.memory_mb + overhead
+        need_millis = _ref_millicpus(demand.cpus)
+        if demand.volume_id in attached:  # added
+            reason = (
+                f"volume {demand.volume_id} is already attached to {attached[demand.volume_id]}"
+            )
+            unplaced.append(Unplaced(index, demand, demand.instances, reason))
+            continue
+        if demand.volume_id is not None:
+            vol_host = snapshot.volumes.get(demand.volume_id)
+            pinned = by_id.get(vol_host) if vol_host is not None else None
+            eligible = [pinned] if pinned is not None else []
+        else:
+            eligible = loads
+        eligible = [
+            load
+            for load in eligible
+            if load.host.state is HostState.READY and _ref_matches(load.host, demand)
+        ]
+        instances = demand.instances
+        for position, instance in enumerate(instances):
+            best: _RefLoad | None = None
+            best_key: tuple[int, int, str] | None = None
+            for load in eligible:
+                if load.free_mb < need_mb or load.free_millicpus < need_millis:
+                    continue
+                key = (load.per_group.get(demand.group, 0), -load.free_mb, load.host.id)
+                if best_key is None or key < best_key:
+                    best, best_key = load, key
+            if best is None:
+                unplaced.append(
+                    Unplaced(
+                        demand_index=index,
+                        demand=demand,
+                        instances=instances[position:],
+                        reason=_ref_reason(snapshot, loads, by_id, demand, config),
+                    )
+                )
+                break
+            best.free_mb -= need_mb
+            best.free_millicpus -= need_millis
+            best.per_group[demand.group] = best.per_group.get(demand.group, 0) + 1
+            placements.append(Placement(index, instance, demand.group, best.host.id))
+            if demand.volume_id is not None:  # added
+                name = instance if isinstance(instance, str) else f"{instance} of demand {index}"
+                attached[demand.volume_id] = f"instance {name}"
+
+    return Plan(
+        placements=tuple(placements),
+        unplaced=tuple(unplaced),
+        versions=MappingProxyType(dict(snapshot.versions)),
+    )
+
+
+def _ref_reason(
+    snapshot: Snapshot,
+    loads: Sequence[_RefLoad],
+    by_id: Mapping[str, _RefLoad],
+    demand: Demand,
+    config: PlacementConfig,
+) -> str:
+    """Why no host can take one more instance of ``demand`` (the first filter that fails)."""
+    if demand.volume_id is not None:
+        return _ref_volume_reason(snapshot, by_id, demand.volume_id, demand, config)
+    return _ref_cluster_reason(loads, demand, config)
+
+
+def _ref_sized(demand: Demand, config: PlacementConfig) -> str:
+    return f"a {demand.memory_mb} MB instance (+{config.per_vm_overhead_mb} MB VM overhead)"
+
+
+def _ref_volume_reason(
+    snapshot: Snapshot,
+    by_id: Mapping[str, _RefLoad],
+    vol: str,
+    demand: Demand,
+    config: PlacementConfig,
+) -> str:
+    need_mb = demand.memory_mb + config.per_vm_overhead_mb
+    host_id = snapshot.volumes.get(vol)
+    if host_id is None:
+        return f"volume {vol} is not on any known host"
+    load = by_id.get(host_id)
+    if load is None:
+        return f"volume {vol} is on {host_id}, which is not a registered host"
+    where = f"volume {vol} is on {host_id}, which"
+    if load.host.state is not HostState.READY:
+        return f"{where} is {load.host.state.value}"
+    if not _ref_matches(load.host, demand):
+        return f"{where} does not match {_ref_constraint_text(demand)}"
+    if load.free_mb < need_mb:
+        return (
+            f"{where} has {max(load.free_mb, 0)} MB of free memory; "
+            f"{_ref_sized(demand, config)} needs {need_mb} MB"
+        )
+    return (
+        f"{where} has {_ref_fmt_cpus(max(load.free_millicpus, 0))} vCPUs free under "
+        f"{config.cpu_oversubscription:g}x CPU oversubscription; "
+        f"the instance needs {_ref_fmt_cpus(_ref_millicpus(demand.cpus))}"
+    )
+
+
+def _ref_cluster_reason(loads: Sequence[_RefLoad], demand: Demand, config: PlacementConfig) -> str:
+    need_mb = demand.memory_mb + config.per_vm_overhead_mb
+    if not loads:
+        return "no hosts are registered"
+    ready = [load for load in loads if load.host.state is HostState.READY]
+    if not ready:
+        return f"no host is ready ({_ref_state_summary(loads)})"
+    matching = [load for load in ready if _ref_matches(load.host, demand)]
+    constraints = _ref_constraint_text(demand)
+    if not matching:
+        return f"no ready host matches {constraints}"
+    subject = f"no ready host matching {constraints}" if constraints else "no ready host"
+    with_memory = [load for load in matching if load.free_mb >= need_mb]
+    if not with_memory:
+        top = min(matching, key=lambda load: (-load.free_mb, load.host.id))
+        return (
+            f"{subject} has {need_mb} MB of free memory for {_ref_sized(demand, config)} "
+            f"(largest free: {max(top.free_mb, 0)} MB on {top.host.id})"
+        )
+    top = min(with_memory, key=lambda load: (-load.free_millicpus, load.host.id))
+    return (
+        f"{subject} with enough free memory has {_ref_fmt_cpus(_ref_millicpus(demand.cpus))} "
+        f"vCPUs free under {config.cpu_oversubscription:g}x CPU oversubscription "
+        f"(most free: {_ref_fmt_cpus(max(top.free_millicpus, 0))} on {top.host.id})"
+    )

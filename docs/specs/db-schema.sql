@@ -45,12 +45,26 @@ CREATE SEQUENCE public.events_position_seq
 
 ALTER SEQUENCE public.events_position_seq OWNED BY public.events."position";
 
+CREATE TABLE public.host_heartbeats (
+    host_id text NOT NULL,
+    last_seen timestamp with time zone NOT NULL,
+    report jsonb DEFAULT '{}'::jsonb NOT NULL
+);
+
 CREATE TABLE public.idempotency_keys (
     key text NOT NULL,
     request_hash text NOT NULL,
     result jsonb NOT NULL,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     CONSTRAINT idempotency_keys_key_check CHECK (((length(key) >= 1) AND (length(key) <= 200)))
+);
+
+CREATE TABLE public.leases (
+    name text NOT NULL,
+    holder text NOT NULL,
+    epoch bigint NOT NULL,
+    acquired_at timestamp with time zone NOT NULL,
+    expires_at timestamp with time zone NOT NULL
 );
 
 CREATE TABLE public.projection_checkpoints (
@@ -80,6 +94,40 @@ CREATE TABLE public.view_envs (
     created_at timestamp with time zone NOT NULL
 );
 
+CREATE TABLE public.view_hosts (
+    host_id text NOT NULL,
+    vcpus integer NOT NULL,
+    memory_mb integer NOT NULL,
+    disk_mb bigint NOT NULL,
+    labels jsonb NOT NULL,
+    region text NOT NULL,
+    address text NOT NULL,
+    admin_state text NOT NULL,
+    down boolean NOT NULL,
+    version bigint NOT NULL,
+    registered_at timestamp with time zone NOT NULL,
+    state_since timestamp with time zone NOT NULL
+);
+
+CREATE TABLE public.view_instances (
+    instance_id text NOT NULL,
+    app_id text NOT NULL,
+    env text NOT NULL,
+    process text NOT NULL,
+    release_version integer NOT NULL,
+    spec_hash text NOT NULL,
+    spec jsonb NOT NULL,
+    rollout_id text,
+    state text NOT NULL,
+    host_id text,
+    memory_mb integer NOT NULL,
+    cpus real NOT NULL,
+    reason text NOT NULL,
+    exit_code integer,
+    created_at timestamp with time zone NOT NULL,
+    state_since timestamp with time zone NOT NULL
+);
+
 CREATE TABLE public.view_members (
     org_id text NOT NULL,
     user_id text NOT NULL,
@@ -106,10 +154,17 @@ CREATE TABLE public.view_releases (
     reason text NOT NULL,
     rollback_of integer,
     status text NOT NULL,
-    created_at timestamp with time zone NOT NULL
+    created_at timestamp with time zone NOT NULL,
+    previous_active integer,
+    auto_rollback boolean DEFAULT false NOT NULL
 );
 
 CREATE TABLE public.view_releases_streams (
+    stream_id text NOT NULL,
+    version bigint NOT NULL
+);
+
+CREATE TABLE public.view_scheduling_streams (
     stream_id text NOT NULL,
     version bigint NOT NULL
 );
@@ -149,7 +204,16 @@ CREATE TABLE public.view_users (
     user_id text NOT NULL,
     email text NOT NULL,
     name text NOT NULL,
-    created_at timestamp with time zone NOT NULL
+    created_at timestamp with time zone NOT NULL,
+    operator boolean DEFAULT false NOT NULL
+);
+
+CREATE TABLE public.view_workloads (
+    app_id text NOT NULL,
+    env text NOT NULL,
+    version bigint NOT NULL,
+    state jsonb NOT NULL,
+    updated_at timestamp with time zone NOT NULL
 );
 
 ALTER TABLE ONLY public.events ALTER COLUMN "position" SET DEFAULT nextval('public.events_position_seq'::regclass);
@@ -163,8 +227,14 @@ ALTER TABLE ONLY public.events
 ALTER TABLE ONLY public.events
     ADD CONSTRAINT events_stream_version_key UNIQUE (stream_id, stream_version);
 
+ALTER TABLE ONLY public.host_heartbeats
+    ADD CONSTRAINT host_heartbeats_pkey PRIMARY KEY (host_id);
+
 ALTER TABLE ONLY public.idempotency_keys
     ADD CONSTRAINT idempotency_keys_pkey PRIMARY KEY (key);
+
+ALTER TABLE ONLY public.leases
+    ADD CONSTRAINT leases_pkey PRIMARY KEY (name);
 
 ALTER TABLE ONLY public.projection_checkpoints
     ADD CONSTRAINT projection_checkpoints_pkey PRIMARY KEY (name);
@@ -181,6 +251,12 @@ ALTER TABLE ONLY public.view_apps
 ALTER TABLE ONLY public.view_envs
     ADD CONSTRAINT view_envs_pkey PRIMARY KEY (app_id, name);
 
+ALTER TABLE ONLY public.view_hosts
+    ADD CONSTRAINT view_hosts_pkey PRIMARY KEY (host_id);
+
+ALTER TABLE ONLY public.view_instances
+    ADD CONSTRAINT view_instances_pkey PRIMARY KEY (instance_id);
+
 ALTER TABLE ONLY public.view_members
     ADD CONSTRAINT view_members_pkey PRIMARY KEY (org_id, user_id);
 
@@ -195,6 +271,9 @@ ALTER TABLE ONLY public.view_releases
 
 ALTER TABLE ONLY public.view_releases_streams
     ADD CONSTRAINT view_releases_streams_pkey PRIMARY KEY (stream_id);
+
+ALTER TABLE ONLY public.view_scheduling_streams
+    ADD CONSTRAINT view_scheduling_streams_pkey PRIMARY KEY (stream_id);
 
 ALTER TABLE ONLY public.view_streams
     ADD CONSTRAINT view_streams_pkey PRIMARY KEY (stream_id);
@@ -214,7 +293,16 @@ ALTER TABLE ONLY public.view_users
 ALTER TABLE ONLY public.view_users
     ADD CONSTRAINT view_users_pkey PRIMARY KEY (user_id);
 
+ALTER TABLE ONLY public.view_workloads
+    ADD CONSTRAINT view_workloads_pkey PRIMARY KEY (app_id, env);
+
 CREATE INDEX events_xid_position_idx ON public.events USING btree (xid, "position");
+
+CREATE INDEX view_instances_env_idx ON public.view_instances USING btree (app_id, env);
+
+CREATE INDEX view_instances_host_idx ON public.view_instances USING btree (host_id) WHERE (state <> ALL (ARRAY['stopped'::text, 'failed'::text, 'lost'::text]));
+
+CREATE INDEX view_instances_pending_idx ON public.view_instances USING btree (app_id, env) WHERE (state = 'pending'::text);
 
 CREATE INDEX view_members_user_idx ON public.view_members USING btree (user_id);
 

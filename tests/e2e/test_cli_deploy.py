@@ -1,5 +1,8 @@
 """`ember deploy`, `ember releases`, `ember rollback` with the real CLI against a real
-single-node stack (API, Postgres, docker-registry)."""
+single-node stack (API, Postgres, docker-registry, controller).
+
+The stack has no hosts yet, so no rollout can converge: deploys that are not about
+waiting pass --detach (`ember deploy` waits for the rollout by default)."""
 
 from __future__ import annotations
 
@@ -85,7 +88,7 @@ def image(tmp: Path, content: str) -> Path:
 def test_deploy_release_identical_redeploy_and_rollback(stack: Stack, tmp_path: Path) -> None:
     (stack.project / "ember.toml").write_text(MANIFEST.format(port=8080))
     one = image(tmp_path, "one")
-    v1 = stack.json("deploy", "--image", str(one))
+    v1 = stack.json("deploy", "--image", str(one), "--detach")
     assert (v1["version"], v1["status"], v1["reason"]) == (1, "active", "deploy")  # type: ignore[index]
     assert v1["image"]["repository"] == "local/web"  # type: ignore[index]
     # The image really is in the platform registry, by digest.
@@ -100,7 +103,7 @@ def test_deploy_release_identical_redeploy_and_rollback(stack: Stack, tmp_path: 
     (stack.project / "ember.toml").write_text(MANIFEST.format(port=9090))
     archive = tmp_path / "two.tar"
     write_archive(OciLayout.open(image(tmp_path, "two")), archive)
-    v2 = stack.json("deploy", "--image", str(archive))
+    v2 = stack.json("deploy", "--image", str(archive), "--detach")
     assert v2["version"] == 2 and v2["image"]["digest"] != v1["image"]["digest"]  # type: ignore[index]
 
     listed = stack.json("releases")
@@ -122,7 +125,7 @@ def test_deploy_copies_an_image_from_another_registry_by_digest(
     host = registry.split("://", 1)[1]  # type: ignore[union-attr]
     with RegistryClient(registry) as reg:
         pushed = reg.push(OciLayout.open(image(tmp_path, "three")), "vendor/thing", tag="1.0")
-    release = stack.json("deploy", "--image", f"{host}/vendor/thing:1.0")
+    release = stack.json("deploy", "--image", f"{host}/vendor/thing:1.0", "--detach")
     assert release["image"] == {"repository": "local/web", "digest": pushed.digest}  # type: ignore[index]
 
 
@@ -140,3 +143,18 @@ def test_deploy_refuses_bad_input_and_changes_nothing(stack: Stack, tmp_path: Pa
     stack("deploy", "--image", str(tmp_path / "nowhere"), expect=2)
     stack("deploy", "--image", str(image(tmp_path, "x")), "--env", "nope", expect=3)
     assert stack("releases", "--json").stdout == before
+
+
+def test_deploy_waits_for_the_rollout_and_gives_up_with_exit_6(
+    stack: Stack, tmp_path: Path
+) -> None:
+    (stack.project / "ember.toml").write_text(MANIFEST.format(port=6060))
+    waited = stack("deploy", "--image", str(image(tmp_path, "wait")), "--timeout", "2s", expect=6)
+    assert "promoted in prod" in waited.stdout  # the release itself is made
+    # No host can run it here: either the rollout starts and cannot place its instance,
+    # or no controller runs at all. Both say so.
+    assert "within 2s" in waited.stderr and "Hint:" in waited.stderr
+    status = stack.json("status")
+    live = stack.json("releases")[0]  # type: ignore[index]
+    assert status["release"]["version"] == live["version"]  # type: ignore[index]
+    assert status["converged"] is False and status["problems"]  # type: ignore[index]

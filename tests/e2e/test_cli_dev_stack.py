@@ -92,7 +92,7 @@ def test_dev_up_creates_the_stack_once_and_is_idempotent(home: Path) -> None:
 
 def test_projections_status_and_rebuild(home: Path) -> None:
     status = json.loads(ember(home, "admin", "projections", "status", "--json").stdout)
-    assert sorted(s["name"] for s in status) == ["releases", "streams", "tenancy"]
+    assert sorted(s["name"] for s in status) == ["releases", "scheduling", "streams", "tenancy"]
     assert all(s["lag_events"] == 0 for s in status)
     first = json.loads(ember(home, "admin", "projections", "rebuild", "--json").stdout)
     second = json.loads(ember(home, "admin", "projections", "rebuild", "streams", "--json").stdout)

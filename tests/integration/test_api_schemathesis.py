@@ -27,6 +27,8 @@ from ember.api.app import ApiSettings, create_app
 from ember.dev.postgres import LocalCluster
 from tests.support import pg
 from tests.support.api import Api, Tenant, running_api
+from tests.support.hosts import HOST, place
+from tests.support.workloads import awaiting_canary
 
 SPEC = Path(__file__).resolve().parents[2] / "docs/specs/openapi.json"
 OPERATIONS = sorted(
@@ -35,6 +37,7 @@ OPERATIONS = sorted(
     for method in methods
 )
 MAX_EXAMPLES = 25
+FUZZ_HOST, FUZZ_INSTANCE = "fuzz-host", "ins_fuzz"
 
 # positive_data_acceptance expects every schema-valid request to be accepted. The OpenAPI
 # document carries lengths but not the name grammar (lowercase, digits, '-'), the email
@@ -57,6 +60,7 @@ def world(pg_cluster: LocalCluster) -> Iterator[World]:
     arrange = running_api(url)
     setup = next(arrange)
     tenant = setup.tenant("fuzz")
+    setup.svc.set_operator(tenant.email, True)  # hosts are for platform operators
     setup.user("member@example.com")
     # The app under test: schemathesis runs its lifespan itself.
     schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(ApiSettings(url)))
@@ -89,7 +93,13 @@ def real_names(world: World) -> dict[str, str]:
             json=release_body(t.org, t.app, digest),
             headers=t.headers,
         )
+    api.client.put(f"/v1/hosts/{FUZZ_HOST}", json=HOST, headers=t.headers)
+    if not api.svc.query("SELECT 1 FROM view_instances WHERE instance_id = %s", [FUZZ_INSTANCE]):
+        place(api, FUZZ_HOST, FUZZ_INSTANCE, app_id=t.app_id, env=t.env)
+    awaiting_canary(api, t.app_id, t.env)  # so promote and abort have a rollout to act on
     return {
+        "host_id": FUZZ_HOST,
+        "instance_id": FUZZ_INSTANCE,
         "version": "1",
         "org": t.org,
         "app": t.app,
@@ -173,4 +183,16 @@ def valid_body(method: str, path: str, world: World) -> dict[str, Any] | None:
         ("POST", "/v1/orgs/{org}/apps/{app}/envs"): {"name": "fuzzed"},
         ("POST", "/v1/orgs/{org}/members"): {"email": world.member_email, "role": "deployer"},
         ("POST", "/v1/tokens"): {"name": "fuzzed", "capabilities": ["read"]},
+        ("PUT", "/v1/hosts/{host_id}"): HOST,
+        ("POST", "/v1/hosts/{host_id}/heartbeat"): {"report": {"fuzzed": True}},
+        ("POST", "/v1/orgs/{org}/apps/{app}/envs/{env}/scale"): {
+            "processes": {"web": {"count": 2}}
+        },
+        ("POST", "/v1/orgs/{org}/apps/{app}/envs/{env}/restart"): {"processes": []},
+        ("POST", "/v1/orgs/{org}/apps/{app}/envs/{env}/rollout/promote"): {},
+        ("POST", "/v1/orgs/{org}/apps/{app}/envs/{env}/rollout/abort"): {},
+        ("POST", "/v1/instances/{instance_id}/reports"): {
+            "host_id": FUZZ_HOST,
+            "state": "starting",
+        },
     }.get((method, path))

@@ -97,6 +97,7 @@ def probes(b: Tenant) -> list[Probe]:
         "role": "viewer",
         "image": {"repository": f"{b.org}/{b.app}", "digest": DIGEST},
         "manifest": manifest_for(b.app),
+        "processes": {"web": {"count": 1}},
     }
     out = []
     for method, template, op in org_operations():

@@ -11,10 +11,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ember import __version__
 from ember.api import errors
+from ember.api.hosts import Hosts
 from ember.api.middleware import EdgeMiddleware, Metrics
 from ember.api.releases import Releases
-from ember.api.routes import apps, orgs, releases, tokens
+from ember.api.routes import apps, hosts, orgs, releases, tokens, workloads
 from ember.api.service import Tenancy
+from ember.api.workloads import Workloads
 from ember.core.catalog import REGISTRY
 from ember.store.db import Database
 from ember.store.eventlog import EventLog
@@ -48,6 +50,8 @@ def create_app(settings: ApiSettings | None) -> FastAPI:
         log = EventLog(db, REGISTRY)
         app.state.tenancy = Tenancy(db, log, ProjectionRunner(db, REGISTRY, all_projections()))
         app.state.releases = Releases(app.state.tenancy)
+        app.state.workloads = Workloads(app.state.tenancy, app.state.releases)
+        app.state.hosts = Hosts(app.state.tenancy)
         app.state.idempotency_locks = locks
         try:
             yield
@@ -58,7 +62,8 @@ def create_app(settings: ApiSettings | None) -> FastAPI:
     app = FastAPI(
         title="Ember control-plane API",
         version=__version__,
-        description="Orgs, members, apps, environments and tokens. Errors use the envelope "
+        description="Orgs, members, apps, environments, tokens, releases and (for platform "
+        "operators) hosts. Errors use the envelope "
         '`{"error": {"code", "message", "detail", "hint"}}` with stable codes.',
         lifespan=lifespan,
     )
@@ -69,7 +74,14 @@ def create_app(settings: ApiSettings | None) -> FastAPI:
         max_body_bytes=settings.max_body_bytes if settings else 1024 * 1024,
     )
     errors.install(app)
-    for router in (orgs.router, apps.router, releases.router, tokens.router):
+    for router in (
+        orgs.router,
+        apps.router,
+        releases.router,
+        workloads.router,
+        tokens.router,
+        hosts.router,
+    ):
         app.include_router(router)
 
     @app.get("/healthz", response_model=w.Health, tags=["health"])

@@ -35,7 +35,11 @@ class Releases:
     def __init__(self, tenancy: Tenancy) -> None:
         self.t = tenancy
 
-    def _env(self, who: Principal, org: str, app: str, env: str, cap: Capability, what: str) -> Row:
+    def authorize(
+        self, who: Principal, org: str, app: str, env: str, cap: Capability, what: str
+    ) -> Row:
+        """The app's row when the caller sees the env (else not found) and, for anything
+        but reading, holds ``cap`` on it (else forbidden)."""
         app_row = self.t.visible_app(who, org, app)
         self.t.visible_env(who, org, app, env)
         target = Scope(app_row["org_id"], app_row["app_id"], env)
@@ -53,9 +57,10 @@ class Releases:
         repository: str,
         digest: str,
         manifest_text: str,
+        auto_rollback: bool = False,
     ) -> tuple[Row, bool]:
         """Create and promote a release; (release, False) when it is already live."""
-        app_row = self._env(who, org, app, env, Capability.DEPLOY, "deploy")
+        app_row = self.authorize(who, org, app, env, Capability.DEPLOY, "deploy")
         check_image(repository, digest)
         if repository != f"{org}/{app}":
             # Releases name images in the app's own repository only: another tenant's
@@ -84,6 +89,7 @@ class Releases:
                 contents=contents,
                 manifest=normalized,
                 author=who.email,
+                auto_rollback=auto_rollback,
             ),
             who.user_id,
             PROJECTION,
@@ -93,7 +99,7 @@ class Releases:
     def rollback(
         self, who: Principal, org: str, app: str, env: str, target: int | None
     ) -> tuple[Row, bool]:
-        app_row = self._env(who, org, app, env, Capability.DEPLOY, "roll back")
+        app_row = self.authorize(who, org, app, env, Capability.DEPLOY, "roll back")
         state, events = self.t.execute(
             releases_stream(app_row["app_id"], env),
             fold_releases,
@@ -106,7 +112,7 @@ class Releases:
     def list(
         self, who: Principal, org: str, app: str, env: str, before: int | None, limit: int
     ) -> list[Row]:
-        app_row = self._env(who, org, app, env, Capability.READ, "read")
+        app_row = self.authorize(who, org, app, env, Capability.READ, "read")
         return self.t.query(
             "SELECT * FROM view_releases WHERE app_id = %s AND env = %s AND version < %s "
             "ORDER BY version DESC LIMIT %s",
@@ -114,7 +120,7 @@ class Releases:
         )
 
     def get(self, who: Principal, org: str, app: str, env: str, version: int) -> Row:
-        app_row = self._env(who, org, app, env, Capability.READ, "read")
+        app_row = self.authorize(who, org, app, env, Capability.READ, "read")
         rows = self.t.query(
             "SELECT * FROM view_releases WHERE app_id = %s AND env = %s AND version = %s",
             [app_row["app_id"], env, version],

@@ -44,9 +44,11 @@ from ember.core.tenancy import (
     decide_add_member,
     decide_create_env,
     decide_delete_env,
+    decide_operator,
     decide_remove_member,
     fold_app,
     fold_org,
+    fold_user,
     normalise_email,
     org_stream,
     token_stream,
@@ -150,7 +152,7 @@ class Tenancy:
         if not tokens.looks_valid(token):
             raise Unauthorized("that is not an Ember API token", hint="check for copy errors")
         row = self._one(
-            "SELECT t.*, u.email FROM view_tokens t JOIN view_users u USING (user_id) "
+            "SELECT t.*, u.email, u.operator FROM view_tokens t JOIN view_users u USING (user_id) "
             "WHERE t.token_hash = %s",
             [tokens.digest(token)],
         )
@@ -172,6 +174,7 @@ class Tenancy:
             scope=Scope(row["org_id"], row["app_id"], row["env"]),
             capabilities=frozenset(Capability(c) for c in row["capabilities"]),
             roles=roles,
+            operator=bool(row["operator"]),
         )
 
     # -- users and tokens (operators and self-service) -------------------------------
@@ -192,6 +195,25 @@ class Tenancy:
 
     def user_by_email(self, email: str) -> Row | None:
         return self._one("SELECT * FROM view_users WHERE email = %s", [normalise_email(email)])
+
+    def set_operator(
+        self, email: str, operator: bool, *, actor: str = "system"
+    ) -> tuple[Row, bool]:
+        """Grant or revoke the platform-operator bit (`ember admin`; no principal, no
+        authorisation). Returns the user and whether anything changed."""
+        email = normalise_email(email)
+        if self.user_by_email(email) is None:
+            raise UserNotFound(
+                f"no user with email {email!r}",
+                hint="create it with 'ember admin create-user'",
+                detail={"email": email},
+            )
+        _, events = self.execute(
+            user_stream(email), fold_user, lambda state: decide_operator(state, operator), actor
+        )
+        row = self.user_by_email(email)
+        assert row is not None
+        return row, bool(events)
 
     def issue_token(
         self,

@@ -12,9 +12,11 @@ def register(root: click.Group) -> None:
     from ember.cli.auth import login, logout, whoami
     from ember.cli.deploy import deploy, releases, rollback
     from ember.cli.envs import envs
+    from ember.cli.hosts import hosts
     from ember.cli.manifest import manifest
     from ember.cli.orgs import orgs
     from ember.cli.tokens import tokens
+    from ember.cli.workloads import restart, scale, status
 
     for command in (
         login,
@@ -28,5 +30,9 @@ def register(root: click.Group) -> None:
         deploy,
         releases,
         rollback,
+        scale,
+        status,
+        restart,
+        hosts,
     ):
         root.add_command(command)

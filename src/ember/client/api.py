@@ -32,7 +32,9 @@ from ember.client.errors import (
     error_from_response,
 )
 from ember.core.tenancy import Capability, Role
+from ember.wire import hosts as wh
 from ember.wire import models as w
+from ember.wire import workloads as ww
 
 M = TypeVar("M", bound=pydantic.BaseModel)
 T = TypeVar("T")
@@ -229,12 +231,24 @@ class Client:
         return self._get(path("v1", "platform"), w.Platform)
 
     def deploy(
-        self, org: str, app: str, env: str, *, repository: str, digest: str, manifest: str
+        self,
+        org: str,
+        app: str,
+        env: str,
+        *,
+        repository: str,
+        digest: str,
+        manifest: str,
+        auto_rollback: bool = False,
     ) -> Created[w.ReleaseDetail]:
         return self._create(
             path("v1", "orgs", org, "apps", app, "envs", env, "releases"),
             w.ReleaseCreate,
-            {"image": {"repository": repository, "digest": digest}, "manifest": manifest},
+            {
+                "image": {"repository": repository, "digest": digest},
+                "manifest": manifest,
+                "auto_rollback": auto_rollback,
+            },
             w.ReleaseDetail,
         )
 
@@ -259,6 +273,119 @@ class Client:
             {"version": version},
             w.ReleaseDetail,
         )
+
+    # -- hosts and agents (platform operators) ------------------------------------------
+
+    def register_host(
+        self,
+        host_id: str,
+        *,
+        vcpus: int,
+        memory_mb: int,
+        disk_mb: int = 0,
+        labels: Mapping[str, str] | None = None,
+        region: str = "",
+        address: str = "",
+    ) -> Created[wh.HostDetail]:
+        """Register a host or update what it offers (PUT: idempotent)."""
+        body = _body(
+            wh.HostRegister,
+            {
+                "vcpus": vcpus,
+                "memory_mb": memory_mb,
+                "disk_mb": disk_mb,
+                "labels": dict(labels or {}),
+                "region": region,
+                "address": address,
+            },
+        )
+        response = self._request("PUT", path("v1", "hosts", host_id), json=body)
+        return Created(_parse(response, wh.HostDetail), created=response.status_code == 201)
+
+    def heartbeat(self, host_id: str, report: Mapping[str, Any] | None = None) -> None:
+        body = _body(wh.HostHeartbeat, {"report": dict(report or {})})
+        self._request("POST", path("v1", "hosts", host_id, "heartbeat"), json=body)
+
+    def iter_hosts(self) -> Iterator[wh.Host]:
+        return self._pages("/v1/hosts", wh.Host)
+
+    def list_hosts(self) -> list[wh.Host]:
+        return list(self.iter_hosts())
+
+    def get_host(self, host_id: str) -> wh.HostDetail:
+        return self._get(path("v1", "hosts", host_id), wh.HostDetail)
+
+    def cordon_host(self, host_id: str) -> wh.HostDetail:
+        return self._host_action(host_id, "cordon")
+
+    def uncordon_host(self, host_id: str) -> wh.HostDetail:
+        return self._host_action(host_id, "uncordon")
+
+    def drain_host(self, host_id: str) -> wh.HostDetail:
+        return self._host_action(host_id, "drain")
+
+    def _host_action(self, host_id: str, action: str) -> wh.HostDetail:
+        response = self._request("POST", path("v1", "hosts", host_id, action))
+        return _parse(response, wh.HostDetail)
+
+    def host_allocations(self, host_id: str) -> wh.Allocations:
+        """What the host's agent should run, with the cursor of that snapshot."""
+        return self._get(path("v1", "hosts", host_id, "allocations"), wh.Allocations)
+
+    def report_instance(
+        self,
+        instance_id: str,
+        *,
+        host_id: str,
+        state: str,
+        exit_code: int | None = None,
+        reason: str = "",
+    ) -> wh.InstanceReportAccepted:
+        """Report what the agent observed about an instance on its host."""
+        body = _body(
+            wh.InstanceReport,
+            {"host_id": host_id, "state": state, "exit_code": exit_code, "reason": reason},
+        )
+        response = self._request("POST", path("v1", "instances", instance_id, "reports"), json=body)
+        return _parse(response, wh.InstanceReportAccepted)
+
+    # -- workloads: scale, restart, status, rollouts ----------------------------------
+
+    def scale(
+        self, org: str, app: str, env: str, processes: Mapping[str, Mapping[str, int]]
+    ) -> ww.Formation:
+        """Set ``{"web": {"count": 3}, "worker": {"memory_mb": 512}}``; the rest stays."""
+        body = _body(ww.ScaleRequest, {"processes": {k: dict(v) for k, v in processes.items()}})
+        response = self._request("POST", _env_path(org, app, env, "scale"), json=body)
+        return _parse(response, ww.Formation)
+
+    def restart(
+        self, org: str, app: str, env: str, processes: Sequence[str] = ()
+    ) -> ww.RestartAccepted:
+        """Replace the instances of ``processes`` (all when empty), rolling."""
+        body = _body(ww.RestartRequest, {"processes": list(processes)})
+        response = self._request("POST", _env_path(org, app, env, "restart"), json=body)
+        return _parse(response, ww.RestartAccepted)
+
+    def status(self, org: str, app: str, env: str) -> ww.Status:
+        return self._get(_env_path(org, app, env, "status"), ww.Status)
+
+    def promote_rollout(
+        self, org: str, app: str, env: str, rollout_id: str | None = None
+    ) -> ww.Rollout:
+        return self._rollout(org, app, env, "promote", rollout_id)
+
+    def abort_rollout(
+        self, org: str, app: str, env: str, rollout_id: str | None = None
+    ) -> ww.Rollout:
+        return self._rollout(org, app, env, "abort", rollout_id)
+
+    def _rollout(
+        self, org: str, app: str, env: str, action: str, rollout_id: str | None
+    ) -> ww.Rollout:
+        body = _body(ww.RolloutCommand, {"rollout_id": rollout_id})
+        response = self._request("POST", _env_path(org, app, env, "rollout", action), json=body)
+        return _parse(response, ww.Rollout)
 
     # -- plumbing --------------------------------------------------------------------
 
@@ -347,6 +474,10 @@ class Client:
                     detail={"api_url": self.base_url},
                 ) from exc
         raise AssertionError("unreachable")  # pragma: no cover - the loop always returns
+
+
+def _env_path(org: str, app: str, env: str, *rest: str) -> str:
+    return path("v1", "orgs", org, "apps", app, "envs", env, *rest)
 
 
 def _body(model: type[w.Body], fields: dict[str, Any]) -> dict[str, Any]:

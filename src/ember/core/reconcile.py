@@ -12,9 +12,13 @@ One step per call, per process:
   healthy, so each step waits for health;
 - ``bluegreen``: start the whole new set; when all of it is healthy stop the old set;
 - ``canary``: one new instance; when it is healthy wait for ``promote`` (then rolling)
-  or ``abort`` (stop it and roll back the release);
+  or ``abort`` (stop it and roll back the release); with nothing running yet (a first
+  deploy), or for a restart / memory change of a release already rolled out, it rolls;
 - outside a rollout (scale, drain, crash replacement) the rolling rule applies with a
   surge of at least one, so a draining host's instances are replaced before they stop;
+- the restart policy bounds how many failed instances are replaced (``no``: none,
+  ``on-failure``: ``max_retries``); one left failed keeps its place in the count, so a
+  scale-up, a drain or a lost host still gets new instances;
 - a rollout whose new instances fail (``failure_limit`` failures) or are not all healthy
   by its deadline halts with the reason; with auto-rollback the decision asks the
   controller to roll the release back.
@@ -117,6 +121,8 @@ def reconcile(
                     release=release,
                     previous=previous_release,
                     specs=specs,
+                    current=ro,
+                    live=live,
                     now=now,
                     new_id=new_id,
                     config=config,
@@ -178,19 +184,35 @@ def _start(
     release: LiveRelease,
     previous: int | None,
     specs: Mapping[str, str],
+    current: Rollout | None,
+    live: Sequence[ObservedInstance],
     now: dt.datetime,
     new_id: Callable[[], str],
     config: ReconcileConfig,
 ) -> RolloutStarted:
     deploy = release.manifest.get("deploy", {})
     surge, unavailable = int(deploy.get("max_surge", 1)), int(deploy.get("max_unavailable", 0))
+    strategy = str(deploy.get("strategy", "rolling"))
+    if strategy == "canary" and (
+        not live
+        or (
+            current is not None
+            and current.phase == "completed"
+            and current.release_version == release.version
+        )
+    ):
+        # A canary compares a new release with the one running: with nothing running (a
+        # first deploy) there is nothing to compare, and a restart, secrets rotation or
+        # memory change of a release already rolled out is a rolling replacement (it
+        # must not wait for a promotion nobody asked for).
+        strategy = "rolling"
     return RolloutStarted(
         rollout_id=new_id(),
         app_id=app_id,
         env=env,
         release_version=release.version,
         previous_release=previous,
-        strategy=str(deploy.get("strategy", "rolling")),
+        strategy=strategy,
         max_surge=surge,
         max_unavailable=unavailable,
         auto_rollback=release.auto_rollback,
@@ -228,7 +250,8 @@ def _halt_reason(
                 for i in instances
                 if i.process == name and i.spec_hash == want.spec_hash and i.healthy
             )
-            target = 1 if ro.strategy == "canary" and not ro.promoted else want.count
+            canary = ro.strategy == "canary" and not ro.promoted
+            target = min(1, want.count) if canary else want.count
             if healthy < target:
                 waiting.append(f"{name} {healthy}/{target} healthy")
         if waiting:
@@ -274,11 +297,12 @@ def _create(
     ]
 
 
-def _crash_budget_left(want: Desired, ro: Rollout, instances: Sequence[ObservedInstance]) -> bool:
-    """Restart policy: how many failed instances of this spec may be replaced."""
+def _unreplaced_failures(want: Desired, ro: Rollout, instances: Sequence[ObservedInstance]) -> int:
+    """Restart policy: how many failed instances of this spec are not to be replaced
+    (``no``: none is; ``on-failure``: up to ``max_retries`` are; ``always``: all are)."""
     policy = want.spec.restart_policy
     if policy == "always":
-        return True
+        return 0
     failed = sum(
         1
         for i in instances
@@ -288,7 +312,7 @@ def _crash_budget_left(want: Desired, ro: Rollout, instances: Sequence[ObservedI
         and i.created_at >= ro.started_at
     )
     limit = 0 if policy == "no" else want.spec.max_retries
-    return failed <= limit
+    return max(0, failed - limit)
 
 
 def _process_step(
@@ -312,7 +336,9 @@ def _process_step(
     in_rollout = ro.active and ro.specs.get(want.process) == want.spec_hash
     if ro.phase == "halted" and ro.specs.get(want.process) == want.spec_hash:
         return [], False  # keep what runs; the halt reason says why
-    can_create = _crash_budget_left(want, ro, instances)
+    # A failed instance the restart policy does not replace keeps its place in the count;
+    # instances missing for any other reason (a scale-up, a drain, a lost host) are made.
+    target = max(0, d - _unreplaced_failures(want, ro, instances))
     strategy = ro.strategy if in_rollout else "steady"
     events: list[EventData] = []
 
@@ -340,9 +366,11 @@ def _process_step(
         create = min(d - len(new), d + surge - len(new) - len(old))
         not_healthy_old = [i for i in old if not i.healthy]
         healthy_old = [i for i in old if i.healthy]
-        budget = healthy_new + len(healthy_old) - (d - unavailable)
+        keep = d - unavailable if in_rollout else target
+        budget = healthy_new + len(healthy_old) - keep
         stop = not_healthy_old + _order_to_stop(healthy_old)[: max(0, budget)]
-    if create > 0 and can_create:
+    create = min(create, target - len(new))
+    if create > 0:
         events += _create(app_id=app_id, env=env, ro=ro, want=want, n=create, new_id=new_id)
     events += _stop(stop, _stop_reason(strategy, want))
     return events, False

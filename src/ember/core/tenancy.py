@@ -7,7 +7,8 @@ stream                          events
 ==============================  ====================================================
 ``org-<name>``                  org.created, member.added, member.role_changed,
                                 member.removed
-``user-<sha256(email)[:32]>``   user.created
+``user-<sha256(email)[:32]>``   user.created, user.operator_granted,
+                                user.operator_revoked
 ``app-<org_id>.<name>``         app.created, env.created, env.deleted, app.deleted
                                 (a deleted name can be created again: new app id)
 ``token-<token_id>``            token.created, token.revoked
@@ -15,6 +16,11 @@ stream                          events
 
 Keying a stream by a name makes "name unique per org" an optimistic-concurrency check
 (expected version) instead of a lookup race.
+
+**Platform operators** are users with the operator bit (``user.operator_granted``). It
+is platform-wide, not an org role: hosts and other platform objects belong to no org.
+An operator acts on them only through an unscoped token with the ``admin`` capability
+(:func:`check_operator`), so a narrow token an operator made for CI stays narrow.
 """
 
 from __future__ import annotations
@@ -143,6 +149,20 @@ class UserCreated(EventData):
     user_id: str
     email: str
     name: str = ""
+
+
+@REGISTRY.register
+class UserOperatorGranted(EventData):
+    """The user may operate the platform (hosts), through an unscoped admin token."""
+
+    event_type = "user.operator_granted"
+    user_id: str
+
+
+@REGISTRY.register
+class UserOperatorRevoked(EventData):
+    event_type = "user.operator_revoked"
+    user_id: str
 
 
 @REGISTRY.register
@@ -275,6 +295,30 @@ def fold_org(events: Iterable[RecordedEvent]) -> OrgState:
 
 
 @dataclasses.dataclass
+class UserState:
+    user_id: str | None = None
+    email: str | None = None
+    operator: bool = False
+
+    @property
+    def exists(self) -> bool:
+        return self.user_id is not None
+
+
+def fold_user(events: Iterable[RecordedEvent]) -> UserState:
+    state = UserState()
+    for e in events:
+        d = e.data
+        if e.type == "user.created":
+            state = UserState(d["user_id"], d["email"], False)
+        elif e.type == "user.operator_granted":
+            state.operator = True
+        elif e.type == "user.operator_revoked":
+            state.operator = False
+    return state
+
+
+@dataclasses.dataclass
 class AppState:
     app_id: str | None = None
     org_id: str | None = None
@@ -333,6 +377,16 @@ def _keep_an_owner(state: OrgState, user_id: str, new_role: Role | None) -> None
         )
 
 
+def decide_operator(state: UserState, operator: bool) -> list[EventData]:
+    """Grant (``operator=True``) or revoke the operator bit; a repeat writes nothing."""
+    if state.user_id is None:
+        raise UserNotFound("no such user", hint="create it with 'ember admin create-user'")
+    if state.operator == operator:
+        return []
+    event = UserOperatorGranted if operator else UserOperatorRevoked
+    return [event(user_id=state.user_id)]
+
+
 def decide_create_env(state: AppState, name: str) -> list[EventData]:
     assert state.app_id is not None
     if name in state.envs:
@@ -383,6 +437,14 @@ class Principal:
     scope: Scope
     capabilities: frozenset[Capability]
     roles: dict[str, Role]  # org_id -> role
+    operator: bool = False
+    """The user is a platform operator (whatever this token may do)."""
+
+    @property
+    def operates(self) -> bool:
+        """May act on platform objects (hosts): an operator, through an unscoped token
+        with the ``admin`` capability."""
+        return self.operator and self.scope == Scope() and Capability.ADMIN in self.capabilities
 
     def effective(self, org_id: str) -> frozenset[Capability]:
         role = self.roles.get(org_id)
@@ -399,6 +461,23 @@ class Principal:
             and self.scope.contains(target)
             and capability in self.effective(target.org_id)
         )
+
+
+def check_operator(who: Principal, what: str) -> None:
+    """Raise Forbidden unless ``who`` may act on platform objects (:attr:`Principal.operates`).
+
+    Not "not found": hosts are no tenant's objects, so there is nothing to hide."""
+    if who.operates:
+        return
+    if not who.operator:
+        hint = "this needs a platform operator: 'ember admin grant-operator EMAIL'"
+    else:
+        hint = "use an unscoped token with the 'admin' capability"
+    raise Forbidden(
+        f"your token may not {what}: that is for platform operators",
+        hint=hint,
+        detail={"operator": who.operator},
+    )
 
 
 def check_capabilities(values: Sequence[str]) -> frozenset[Capability]:

@@ -159,10 +159,13 @@ class WorkloadState(pydantic.BaseModel):
 
 
 def apply(state: WorkloadState, event: RecordedEvent | tuple[str, Mapping[str, Any]]) -> None:
-    """Fold one workload-stream event into ``state`` (in place)."""
+    """Fold one workload-stream event into ``state`` (in place). A recorded event's
+    ``recorded_at`` dates a promotion (it restarts the rollout's deadline window); a bare
+    ``(type, data)`` pair has no time and leaves the deadline as it is."""
+    at: dt.datetime | None = None
     if isinstance(event, RecordedEvent):
         state.version = event.stream_version
-        etype, data = event.type, event.data
+        etype, data, at = event.type, event.data, event.recorded_at
     else:
         etype, data = event
     if etype in ("formation.scaled", "restart.requested"):
@@ -173,7 +176,7 @@ def apply(state: WorkloadState, event: RecordedEvent | tuple[str, Mapping[str, A
             started.model_dump(exclude={"app_id", "env"}) | {"phase": "running"}
         )
     elif state.rollout is not None and data.get("rollout_id") == state.rollout.rollout_id:
-        _apply_rollout(state.rollout, etype, data)
+        _apply_rollout(state.rollout, etype, data, at)
     if etype == "placement.failed":
         state.unplaced[str(data["process"])] = str(data["reason"])
     elif etype == "instance.created":
@@ -199,11 +202,17 @@ def _apply_desired(state: WorkloadState, etype: str, data: Mapping[str, Any]) ->
             state.all_restarts += 1
 
 
-def _apply_rollout(ro: Rollout, etype: str, data: Mapping[str, Any]) -> None:
+def _apply_rollout(
+    ro: Rollout, etype: str, data: Mapping[str, Any], at: dt.datetime | None
+) -> None:
     if etype == "rollout.awaiting_promotion":
         ro.phase = "awaiting_promotion"
     elif etype == "rollout.promoted":
         ro.promoted, ro.phase = True, "running"
+        if at is not None:
+            # The deadline bounds how long new instances take to become healthy, not how
+            # long a person takes to promote: the rest of the rollout gets a full window.
+            ro.deadline_at = max(ro.deadline_at, at + (ro.deadline_at - ro.started_at))
     elif etype == "rollout.aborted":
         ro.phase, ro.reason = "aborted", str(data.get("reason", ""))
     elif etype == "rollout.completed":

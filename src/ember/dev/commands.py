@@ -3,7 +3,8 @@
 `up` is idempotent: it creates what is missing and starts what is not running —
 PostgreSQL (embedded unless EMBER_DATABASE_URL is set), the schema, the API and the
 controller — and, the first time only, the local admin user with an org and a token,
-which it stores in the CLI config so `ember apps create` works right away.
+which it stores in the CLI config so `ember apps create` works right away. The local
+admin is a platform operator (granted on every `up`, so older stacks get it too).
 """
 
 from __future__ import annotations
@@ -130,7 +131,8 @@ def _wait_ready(ops: OpsContext, sup: Supervisor, timeout: float = 60.0) -> None
 
 
 def _ensure_admin(ops: OpsContext) -> str | None:
-    """Create the local admin once; return a token when one was issued now (shown once).
+    """Create the local admin once (a platform operator, so `ember hosts` works); return a
+    token when one was issued now (shown once).
 
     A new token is also issued when the admin exists but the CLI config has no token (the
     config was deleted, or another machine user runs the CLI)."""
@@ -138,11 +140,15 @@ def _ensure_admin(ops: OpsContext) -> str | None:
     path = config_path(os.environ)
     current = load_file(path)
     user = svc.user_by_email(ADMIN_EMAIL)
-    if user is not None and current.token:
-        return None
+    existed = user is not None
     if user is None:
         user = svc.ensure_user(ADMIN_EMAIL, "Local admin", actor="ember dev up")
         svc.create_org(None, ADMIN_ORG, owner_id=user["user_id"])
+    # Every time, not only at creation: stacks made before operators existed get it too
+    # (a no-op, writing nothing, once it is granted).
+    svc.set_operator(ADMIN_EMAIL, True, actor="ember dev up")
+    if existed and current.token:
+        return None
     secret, _ = svc.issue_token(
         user["user_id"],
         "ember dev up",

@@ -227,15 +227,29 @@ def _print_totals(ops: OpsContext, totals: dict[str, int], verb: str) -> None:
     show_default=True,
     help="Role in --org.",
 )
+@click.option(
+    "--operator",
+    is_flag=True,
+    help="Also make the user a platform operator (hosts); never revokes it.",
+)
 @json_option
 @pass_ops
-def create_user(ops: OpsContext, email: str, name: str, org: str | None, role: str) -> None:
+def create_user(
+    ops: OpsContext, email: str, name: str, org: str | None, role: str, operator: bool
+) -> None:
     """Create a user (idempotent), optionally with an org membership."""
     svc = ops.tenancy()
-    user = svc.ensure_user(email, name, actor="ember admin")
-    out: dict[str, object] = {"user_id": user["user_id"], "email": user["email"]}
     if org:
         check_name(org, "org")
+    user = svc.ensure_user(email, name, actor="ember admin")
+    if operator:
+        user, _ = svc.set_operator(user["email"], True, actor="ember admin")
+    out: dict[str, object] = {
+        "user_id": user["user_id"],
+        "email": user["email"],
+        "operator": user["operator"],
+    }
+    if org:
         if svc.org_by_name(org) is None:
             svc.create_org(None, org, owner_id=user["user_id"])
         svc.operator_set_member(org, user["user_id"], Role(role), "ember admin")
@@ -244,6 +258,33 @@ def create_user(ops: OpsContext, email: str, name: str, org: str | None, role: s
         emit_json(out)
     else:
         emit_fields(out)
+
+
+@admin.command("grant-operator")
+@click.argument("email")
+@click.option("--revoke", is_flag=True, help="Take the operator role away instead.")
+@json_option
+@pass_ops
+def grant_operator(ops: OpsContext, email: str, revoke: bool) -> None:
+    """Make the user EMAIL a platform operator (idempotent), or --revoke it.
+
+    Operators manage hosts, through an unscoped token with the 'admin' capability; the
+    change applies to the user's existing tokens on their next request.
+    """
+    user, changed = ops.tenancy().set_operator(email, not revoke, actor="ember admin")
+    out = {
+        "user_id": user["user_id"],
+        "email": user["email"],
+        "operator": user["operator"],
+        "changed": changed,
+    }
+    if ops.as_json:
+        emit_json(out)
+    elif not changed:
+        state = "is not" if revoke else "is already"
+        click.echo(f"{user['email']} {state} a platform operator (nothing changed)")
+    else:
+        click.echo(f"{user['email']} {'is no longer' if revoke else 'is now'} a platform operator")
 
 
 @admin.command("create-token")

@@ -93,10 +93,14 @@ class SchedulingReads:
                 f"FROM view_instances WHERE host_id IS NOT NULL AND {_LIVE}"
             ).fetchall()
         by_host: dict[str, list[Allocation]] = {}
+        # One GroupKey per group, not per row: a snapshot holds every live instance, and
+        # the replicas of a group share it (~20k fewer objects to build per pass at scale).
+        groups: dict[tuple[str, str, str], GroupKey] = {}
         for h, iid, app, env, proc, cpus, mem in allocs:
-            by_host.setdefault(h, []).append(
-                Allocation(iid, GroupKey(app, env, proc), float(cpus), int(mem))
-            )
+            group = groups.get((app, env, proc))
+            if group is None:
+                group = groups[(app, env, proc)] = GroupKey(app, env, proc)
+            by_host.setdefault(h, []).append(Allocation(iid, group, float(cpus), int(mem)))
         return Snapshot(
             hosts=tuple(
                 Host(

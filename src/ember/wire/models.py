@@ -152,6 +152,11 @@ class ReleaseCreate(Body):
         description="The ember.toml text; the server validates it and derives the env's "
         "normalized manifest and its hash.",
     )
+    auto_rollback: bool = Field(
+        False,
+        description="If the release's rollout halts (new instances fail or miss the "
+        "deadline), the controller releases the previous release again.",
+    )
 
 
 class RollbackRequest(Body):

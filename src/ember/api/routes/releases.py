@@ -51,6 +51,7 @@ def deploy(
             repository=body.image.repository,
             digest=body.image.digest,
             manifest_text=body.manifest,
+            auto_rollback=body.auto_rollback,
         )
         return (201 if created else 200), convert.release(row, app, detail=True).model_dump(
             mode="json"

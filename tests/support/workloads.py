@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from ember.api.status import live_release
+from ember.control.controller import Controller
 from ember.core.events import ANY, EventData, Metadata, NewEvent
 from ember.core.hosts import InstanceAssigned, host_stream
 from ember.core.ids import new_id
@@ -16,14 +16,12 @@ from ember.core.instances import (
     InstanceFailed,
     InstanceHealthy,
     InstanceStarting,
-    InstanceState,
     instance_stream,
 )
-from ember.core.reconcile import Decision, ObservedInstance, reconcile
+from ember.core.reconcile import Decision
 from ember.core.workloads import (
     RolloutAwaitingPromotion,
     RolloutStarted,
-    WorkloadState,
     workload_stream,
 )
 from tests.support.api import Api, Tenant
@@ -36,46 +34,11 @@ def append(api: Api, stream: str, events: list[EventData], expected: int | Any =
 
 
 def controller_step(api: Api, t: Tenant, now: dt.datetime | None = None) -> Decision:
-    """One reconciler decision on the views, appended like the controller does."""
-    app_id = t.app_id
-    rel = api.svc.query(
-        "SELECT * FROM view_releases WHERE app_id = %s AND env = %s AND status = 'active'",
-        [app_id, t.env],
-    )
-    wl = api.svc.query(
-        "SELECT version, state FROM view_workloads WHERE app_id = %s AND env = %s",
-        [app_id, t.env],
-    )
-    state = WorkloadState.model_validate(wl[0]["state"]) if wl else WorkloadState()
-    rows = api.svc.query(
-        "SELECT * FROM view_instances WHERE app_id = %s AND env = %s", [app_id, t.env]
-    )
-    decision = reconcile(
-        app_id=app_id,
-        env=t.env,
-        release=live_release(rel[0]) if rel else None,
-        previous_release=rel[0]["previous_active"] if rel else None,
-        state=state,
-        instances=[
-            ObservedInstance(
-                instance_id=r["instance_id"],
-                process=r["process"],
-                spec_hash=r["spec_hash"],
-                state=InstanceState(r["state"]),
-                created_at=r["created_at"],
-                host_id=r["host_id"],
-                rollout_id=r["rollout_id"],
-                reason=r["reason"],
-            )
-            for r in rows
-        ],
-        now=now or dt.datetime.now(dt.UTC),
-        new_id=lambda: new_id("i"),
-    )
-    if decision.events:
-        version = int(wl[0]["version"]) if wl else 0
-        append(api, workload_stream(app_id, t.env), list(decision.events), version)
-    return decision
+    """One decision of the real controller's reconciler for the tenant's environment,
+    written as the leader writes it (the test holds the lease)."""
+    ctl = Controller(api.svc.log, api.svc.runner, holder="test-controller")
+    assert ctl.ensure_leader(), "another controller holds the lease"
+    return ctl.reconcile_env(t.app_id, t.env, now)
 
 
 def instances(api: Api, t: Tenant, process: str | None = None, state: str = "pending") -> list:

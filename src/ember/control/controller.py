@@ -14,6 +14,7 @@ is renewed every pass; a pass is kept much shorter than the lease TTL.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 import os
 import socket
@@ -29,7 +30,7 @@ from ember.core.hosts import InstanceAssigned, Liveness, host_stream
 from ember.core.ids import new_id
 from ember.core.instances import InstanceLost, PlacementFailed, instance_stream
 from ember.core.placement import Demand, GroupKey, PlacementConfig, Plan, place
-from ember.core.reconcile import ReconcileConfig, reconcile
+from ember.core.reconcile import Decision, ReconcileConfig, reconcile
 from ember.core.releases import decide_rollback, fold_releases, releases_stream
 from ember.core.workloads import workload_stream
 from ember.store.errors import Fenced
@@ -200,30 +201,34 @@ class Controller:
     def reconcile_all(self) -> None:
         now = self.reads.now()
         for app_id, env in self.reads.envs():
-            work, version = self.reads.env_work(app_id, env)
-            decision = reconcile(
-                app_id=app_id,
-                env=env,
-                release=work.release,
-                previous_release=work.previous_release,
-                state=work.state,
-                instances=work.instances,
-                now=now,
-                new_id=lambda: new_id("i"),
-                config=self.config.reconcile,
+            self.reconcile_env(app_id, env, now)
+
+    def reconcile_env(self, app_id: str, env: str, now: dt.datetime | None = None) -> Decision:
+        """Decide and write the next step of one environment; returns the decision (it
+        was written unless a concurrent change made it stale)."""
+        work, version = self.reads.env_work(app_id, env)
+        decision = reconcile(
+            app_id=app_id,
+            env=env,
+            release=work.release,
+            previous_release=work.previous_release,
+            state=work.state,
+            instances=work.instances,
+            now=now or self.reads.now(),
+            new_id=lambda: new_id("i"),
+            config=self.config.reconcile,
+        )
+        if not decision:
+            return decision
+        appends: list[StreamAppend] = []
+        if decision.events:
+            appends.append(
+                StreamAppend(workload_stream(app_id, env), version, self._events(decision.events))
             )
-            if not decision:
-                continue
-            appends: list[StreamAppend] = []
-            if decision.events:
-                appends.append(
-                    StreamAppend(
-                        workload_stream(app_id, env), version, self._events(decision.events)
-                    )
-                )
-            if decision.rollback_to is not None:
-                appends += self._rollback(app_id, env, decision.rollback_to)
-            self._write(appends)
+        if decision.rollback_to is not None:
+            appends += self._rollback(app_id, env, decision.rollback_to)
+        self._write(appends)
+        return decision
 
     def _rollback(self, app_id: str, env: str, target: int) -> list[StreamAppend]:
         stream = releases_stream(app_id, env)

@@ -32,8 +32,8 @@ class Leases:
         self.db = db
 
     def acquire(self, name: str, holder: str, ttl_s: float) -> Lease | None:
-        """Take the lease when it is free or expired (a new epoch); None when another
-        holder has it."""
+        """Take the lease when it is free, expired or already this holder's (always a new
+        epoch); None when another holder has it."""
         with self.db.connection() as conn, conn.transaction():
             # Exclusive: waits for fenced writes in flight under the old epoch.
             conn.execute(
@@ -45,7 +45,7 @@ class Leases:
                    ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder,
                        epoch = l.epoch + 1, acquired_at = EXCLUDED.acquired_at,
                        expires_at = EXCLUDED.expires_at
-                   WHERE l.expires_at <= clock_timestamp()
+                   WHERE l.expires_at <= clock_timestamp() OR l.holder = EXCLUDED.holder
                    RETURNING epoch, expires_at""",
                 (name, holder, ttl_s),
             ).fetchone()

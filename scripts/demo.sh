@@ -46,16 +46,24 @@ step "Validate their manifests (offline; every error would name its exact path)"
 (cd examples/hello-tls && $EMBER manifest validate)
 
 step "Deploy hello-http: push the image by digest to the platform registry, release v1"
+# --detach: no host agent runs on this stack yet, so the rollout cannot finish; without it
+# `ember deploy` waits for the new instances to be healthy (and exits 6 if they never are).
 $EMBER apps create hello-http
 $EMBER envs create prod --app hello-http
-(cd examples/hello-http && $EMBER deploy --image build/oci)
+(cd examples/hello-http && $EMBER deploy --image build/oci --detach)
 (cd examples/hello-http && $EMBER deploy --image build/oci)   # identical: nothing new
 
 step "A changed manifest is a new release; rollback returns to an older one"
 sed 's/max_surge = 1/max_surge = 2/' examples/hello-http/ember.toml > /tmp/ember-demo-v2.toml
-(cd examples/hello-http && $EMBER deploy --image build/oci --manifest /tmp/ember-demo-v2.toml)
+(cd examples/hello-http && $EMBER deploy --image build/oci --manifest /tmp/ember-demo-v2.toml --detach)
 (cd examples/hello-http && $EMBER rollback)
 (cd examples/hello-http && $EMBER releases)
+
+step "Desired vs running: scale, then ask why it does not converge (no hosts yet)"
+(cd examples/hello-http && $EMBER scale web=2)
+sleep 1   # one controller pass
+(cd examples/hello-http && $EMBER status)
+$EMBER hosts list
 
 step "Every change is an event; views are projections of the log"
 $EMBER admin events streams
@@ -68,5 +76,6 @@ Ember's single-node stack is up (API on http://127.0.0.1:7070); `ember` is on yo
   ember apps list                 # your apps in org 'local'
   ember tokens create --name ci --org local --app hello --capability deploy
   ember admin events tail         # follow the event log live (Ctrl-C to stop)
+  ember status --app hello-http   # desired vs running, and why it is not converging
   ember dev down                  # stop it (data stays in $EMBER_HOME)
 MSG

@@ -136,3 +136,32 @@ def test_down_host_instances_are_rescheduled(world: World) -> None:
     assert len(world.instances("lost")) == 1
     now = healthy(world)
     assert len(now) == 2 and {i["host_id"] for i in now} == {"h2"}
+
+
+def test_a_stale_plan_is_refused_whole_and_recomputed(world: World) -> None:
+    from ember.control.controller import _demands, _plan_appends
+    from ember.core.events import ANY, NewEvent
+    from ember.core.hosts import HostCordoned, host_stream
+    from ember.core.placement import place
+
+    world.add_host("h1", memory_mb=8192)
+    world.add_host("h2", memory_mb=2048)
+    world.deploy(manifest(), image=1)
+    world.scale(web=ProcessScale(count=2))
+    ctl = world.controller
+    world.runner.catch_up()
+    ctl.reconcile_all()
+    ctl.reconcile_all()  # rollout.started, then the instances
+    pending = ctl.reads.pending(100)
+    assert len(pending) == 2
+    snapshot = ctl.reads.snapshot()
+    plan = place(snapshot, _demands(pending), ctl.config.placement)
+    assert {p.host_id for p in plan.placements} == {"h1", "h2"}
+    # The operator cordons h2 after the snapshot was read: the plan is stale.
+    world.log.append(host_stream("h2"), ANY, [NewEvent.of(HostCordoned(host_id="h2"))])
+    before = world.event_count()
+    assert ctl._write(_plan_appends(plan, _demands(pending), ctl._events)) is False
+    assert world.event_count() == before  # nothing of it, not even h1's part
+    # The next pass sees the cordon and puts both on h1.
+    assert ctl.schedule() == 2
+    assert {i["host_id"] for i in world.instances("assigned")} == {"h1"}

@@ -155,6 +155,7 @@ class Controller:
         except ConcurrencyConflict as exc:
             self.metrics.conflicts.inc()
             log.info("controller: step dropped, %s", exc.message)
+            self.runner.catch_up(PROJECTION)  # so the retry decides on what changed
             return False
         self.runner.catch_up(PROJECTION)
         return True
@@ -241,22 +242,23 @@ class Controller:
         log.warning("controller: rolling %s/%s back to v%d", app_id, env, target)
         return [StreamAppend(stream, version, self._events(payloads))]
 
-    def schedule(self) -> int:
-        """Place pending instances; returns how many were assigned."""
-        pending = self.reads.pending(self.config.max_pending_per_pass)
-        if not pending:
-            self.metrics.unplaced.set(0)
-            return 0
-        snapshot = self.reads.snapshot()
-        demands = _demands(pending)
-        plan = place(snapshot, demands, self.config.placement)
-        appends = _plan_appends(plan, demands, self._events)
-        if not self._write(appends):
-            return 0
-        self.metrics.placements.inc(len(plan.placements))
-        self.metrics.unplaced.set(sum(len(u.instances) for u in plan.unplaced))
-        self._record_unplaced(plan)
-        return len(plan.placements)
+    def schedule(self, attempts: int = 3) -> int:
+        """Place pending instances; returns how many were assigned. A plan made stale by
+        a concurrent change (a cordon, a registration) is refused whole and recomputed."""
+        for _ in range(attempts):
+            pending = self.reads.pending(self.config.max_pending_per_pass)
+            if not pending:
+                self.metrics.unplaced.set(0)
+                return 0
+            snapshot = self.reads.snapshot()
+            demands = _demands(pending)
+            plan = place(snapshot, demands, self.config.placement)
+            if self._write(_plan_appends(plan, demands, self._events)):
+                self.metrics.placements.inc(len(plan.placements))
+                self.metrics.unplaced.set(sum(len(u.instances) for u in plan.unplaced))
+                self._record_unplaced(plan)
+                return len(plan.placements)
+        return 0
 
     def _record_unplaced(self, plan: Plan) -> None:
         if not plan.unplaced:

@@ -11,12 +11,13 @@ import sys
 import time
 from collections.abc import Iterator
 
+import psycopg
 import pytest
 
 from ember.core.events import ANY
 from ember.core.workloads import ProcessScale
 from ember.store.errors import Fenced
-from ember.store.eventlog import EventLog, StreamAppend
+from ember.store.eventlog import EventLog, StreamAppend, check_fence
 from ember.store.leases import Leases
 from tests.support.scheduling import World, manifest
 
@@ -57,6 +58,28 @@ def test_an_expired_lease_fences_until_renewed(log: EventLog) -> None:
     renewed = leases.renew(a, 5)  # nobody took over: the same epoch goes on
     assert renewed is not None and renewed.epoch == a.epoch
     log.append_many(_tick(log), fence=renewed.fence)
+
+
+def test_a_writer_stalled_inside_its_fenced_write_cannot_block_a_takeover(
+    log: EventLog, database_url: str
+) -> None:
+    leases = Leases(log.db)
+    a = leases.acquire("controller", "a", 0.5)
+    assert a is not None
+    stalled = psycopg.connect(database_url, autocommit=True)
+    try:
+        tx = stalled.transaction()
+        tx.__enter__()
+        check_fence(stalled, a.fence)  # holds the lease lock (shared), then the process pauses
+        time.sleep(0.6)  # past a's lease
+        started = time.monotonic()
+        b = leases.acquire("controller", "b", 5)
+        assert b is not None and b.epoch == a.epoch + 1
+        assert time.monotonic() - started < 5
+        with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):  # cut off
+            stalled.execute("SELECT 1")
+    finally:
+        stalled.close()
 
 
 # -- two real controller processes -------------------------------------------------------

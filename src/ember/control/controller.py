@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ember.core import hosts as hostmod
-from ember.core.errors import ConcurrencyConflict
+from ember.core.errors import ConcurrencyConflict, EmberError
 from ember.core.events import ANY, EventData, Metadata, NewEvent
 from ember.core.hosts import InstanceAssigned, Liveness, host_stream
 from ember.core.ids import new_id
@@ -131,6 +131,11 @@ class Controller:
                     except Fenced:
                         self.metrics.fenced.inc()
                         log.warning("controller %s: write fenced; stepping down", self.holder)
+                        self.lease = None
+                    except EmberError as exc:
+                        # The database went away mid-pass (or cut off a stalled write):
+                        # nothing half-done is kept; re-check the lease before acting again.
+                        log.warning("controller %s: pass failed: %s", self.holder, exc.message)
                         self.lease = None
                 time.sleep(self.config.interval_s)
         finally:

@@ -107,6 +107,9 @@ class Fence:
     name: str
     holder: str
     epoch: int
+    stall_ms: int = 10_000
+    """A writer stalled this long inside its fenced transaction (paused, hung) is cut off
+    by the server, so its locks cannot block a takeover."""
 
 
 def lease_lock_key(name: str) -> str:
@@ -118,6 +121,10 @@ def check_fence(conn: psycopg.Connection, fence: Fence) -> None:
     lease. The shared advisory lock makes a takeover (which takes it exclusively) wait for
     writes already past this check, and writes after the takeover see the new epoch —
     without giving this transaction an xid before its appends read the stream heads."""
+    conn.execute(
+        "SELECT set_config('idle_in_transaction_session_timeout', %s, true)",
+        (f"{max(1, fence.stall_ms)}ms",),
+    )
     conn.execute(
         "SELECT pg_advisory_xact_lock_shared(hashtextextended(%s, 2))",
         (lease_lock_key(fence.name),),

@@ -23,6 +23,9 @@ from ember.store.db import Database
 from ember.store.eventlog import read_all_on
 
 
+STALLED_RUNNER_MS = 10_000
+
+
 class Projection(Protocol):
     """A named fold from events to view tables."""
 
@@ -214,7 +217,13 @@ def first_delivery(cur: psycopg.Cursor[Any], guard_table: str, event: RecordedEv
 
 def _lock_checkpoint(conn: psycopg.Connection, name: str) -> Cursor:
     # An advisory lock, not SELECT ... FOR UPDATE: it serialises runners without giving
-    # this transaction an xid, which would hold back every reader's horizon.
+    # this transaction an xid, which would hold back every reader's horizon. A runner that
+    # stalls while holding it (a paused process) is cut off by the server instead of
+    # blocking every other runner: its work is only ever a rolled-back batch.
+    conn.execute(
+        "SELECT set_config('idle_in_transaction_session_timeout', %s, true)",
+        (f"{STALLED_RUNNER_MS}ms",),
+    )
     conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(name),))
     row = conn.execute(
         "SELECT xid::text::bigint, position FROM projection_checkpoints WHERE name = %s", (name,)

@@ -22,7 +22,6 @@ from ember.core.events import ZERO, Cursor, EventRegistry, RecordedEvent
 from ember.store.db import Database
 from ember.store.eventlog import read_all_on
 
-
 STALLED_RUNNER_MS = 10_000
 
 

@@ -94,6 +94,13 @@ CREATE TABLE public.view_envs (
     created_at timestamp with time zone NOT NULL
 );
 
+CREATE TABLE public.view_hostname_claims (
+    hostname text NOT NULL,
+    org_id text NOT NULL,
+    verification text NOT NULL,
+    claimed_at timestamp with time zone NOT NULL
+);
+
 CREATE TABLE public.view_hosts (
     host_id text NOT NULL,
     vcpus integer NOT NULL,
@@ -125,7 +132,25 @@ CREATE TABLE public.view_instances (
     reason text NOT NULL,
     exit_code integer,
     created_at timestamp with time zone NOT NULL,
-    state_since timestamp with time zone NOT NULL
+    state_since timestamp with time zone NOT NULL,
+    address text
+);
+
+CREATE TABLE public.view_ipv4 (
+    ip_id text NOT NULL,
+    address text NOT NULL,
+    org_id text NOT NULL,
+    allocated_at timestamp with time zone NOT NULL
+);
+
+CREATE TABLE public.view_listeners (
+    scope text NOT NULL,
+    port integer NOT NULL,
+    address text NOT NULL,
+    ip_id text,
+    kind text NOT NULL,
+    route_id text,
+    claimed_at timestamp with time zone NOT NULL
 );
 
 CREATE TABLE public.view_members (
@@ -160,6 +185,28 @@ CREATE TABLE public.view_releases (
 );
 
 CREATE TABLE public.view_releases_streams (
+    stream_id text NOT NULL,
+    version bigint NOT NULL
+);
+
+CREATE TABLE public.view_routes (
+    route_id text NOT NULL,
+    org_id text NOT NULL,
+    app_id text NOT NULL,
+    env text NOT NULL,
+    kind text NOT NULL,
+    address text NOT NULL,
+    ip_id text,
+    port integer NOT NULL,
+    port_auto boolean NOT NULL,
+    hostname text,
+    process text NOT NULL,
+    backend_port integer NOT NULL,
+    proxy_protocol text,
+    created_at timestamp with time zone NOT NULL
+);
+
+CREATE TABLE public.view_routes_streams (
     stream_id text NOT NULL,
     version bigint NOT NULL
 );
@@ -251,11 +298,23 @@ ALTER TABLE ONLY public.view_apps
 ALTER TABLE ONLY public.view_envs
     ADD CONSTRAINT view_envs_pkey PRIMARY KEY (app_id, name);
 
+ALTER TABLE ONLY public.view_hostname_claims
+    ADD CONSTRAINT view_hostname_claims_pkey PRIMARY KEY (hostname);
+
 ALTER TABLE ONLY public.view_hosts
     ADD CONSTRAINT view_hosts_pkey PRIMARY KEY (host_id);
 
 ALTER TABLE ONLY public.view_instances
     ADD CONSTRAINT view_instances_pkey PRIMARY KEY (instance_id);
+
+ALTER TABLE ONLY public.view_ipv4
+    ADD CONSTRAINT view_ipv4_address_key UNIQUE (address);
+
+ALTER TABLE ONLY public.view_ipv4
+    ADD CONSTRAINT view_ipv4_pkey PRIMARY KEY (ip_id);
+
+ALTER TABLE ONLY public.view_listeners
+    ADD CONSTRAINT view_listeners_pkey PRIMARY KEY (scope, port);
 
 ALTER TABLE ONLY public.view_members
     ADD CONSTRAINT view_members_pkey PRIMARY KEY (org_id, user_id);
@@ -271,6 +330,12 @@ ALTER TABLE ONLY public.view_releases
 
 ALTER TABLE ONLY public.view_releases_streams
     ADD CONSTRAINT view_releases_streams_pkey PRIMARY KEY (stream_id);
+
+ALTER TABLE ONLY public.view_routes
+    ADD CONSTRAINT view_routes_pkey PRIMARY KEY (route_id);
+
+ALTER TABLE ONLY public.view_routes_streams
+    ADD CONSTRAINT view_routes_streams_pkey PRIMARY KEY (stream_id);
 
 ALTER TABLE ONLY public.view_scheduling_streams
     ADD CONSTRAINT view_scheduling_streams_pkey PRIMARY KEY (stream_id);
@@ -304,9 +369,15 @@ CREATE INDEX view_instances_host_idx ON public.view_instances USING btree (host_
 
 CREATE INDEX view_instances_pending_idx ON public.view_instances USING btree (app_id, env) WHERE (state = 'pending'::text);
 
+CREATE INDEX view_ipv4_org_idx ON public.view_ipv4 USING btree (org_id);
+
 CREATE INDEX view_members_user_idx ON public.view_members USING btree (user_id);
 
 CREATE INDEX view_releases_digest_idx ON public.view_releases USING btree (image_digest);
+
+CREATE INDEX view_routes_env_idx ON public.view_routes USING btree (app_id, env);
+
+CREATE INDEX view_routes_ip_idx ON public.view_routes USING btree (ip_id) WHERE (ip_id IS NOT NULL);
 
 CREATE INDEX view_tokens_user_idx ON public.view_tokens USING btree (user_id);
 

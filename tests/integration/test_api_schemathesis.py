@@ -63,7 +63,9 @@ def world(pg_cluster: LocalCluster) -> Iterator[World]:
     setup.svc.set_operator(tenant.email, True)  # hosts are for platform operators
     setup.user("member@example.com")
     # The app under test: schemathesis runs its lifespan itself.
-    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(ApiSettings(url)))
+    # Long-polls held at most 0.2 s: a fuzzed cursor may be one the edge would wait on.
+    app = create_app(ApiSettings(url, edge_max_wait_s=0.2))
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     try:
         yield World(schema, setup, tenant, "member@example.com")
     finally:
@@ -97,6 +99,19 @@ def real_names(world: World) -> dict[str, str]:
     if not api.svc.query("SELECT 1 FROM view_instances WHERE instance_id = %s", [FUZZ_INSTANCE]):
         place(api, FUZZ_HOST, FUZZ_INSTANCE, app_id=t.app_id, env=t.env)
     awaiting_canary(api, t.app_id, t.env)  # so promote and abort have a rollout to act on
+    # A route and a dedicated address to read and delete (a fuzzed DELETE may have taken
+    # the last ones); the route binds the shared address, so the address can be released.
+    env_path = f"/v1/orgs/{t.org}/apps/{t.app}/envs/{t.env}"
+    routes = api.call("GET", f"{env_path}/routes", t.token, 200)["items"]
+    route = (
+        routes[0] if routes else api.call("POST", f"{env_path}/routes", t.token, 201, FUZZ_ROUTE)
+    )
+    ips = [
+        i
+        for i in api.call("GET", f"/v1/orgs/{t.org}/ips", t.token, 200)["items"]
+        if not i["routes"]
+    ]
+    ip = ips[0] if ips else api.call("POST", f"/v1/orgs/{t.org}/ips", t.token, 201, {})
     return {
         "host_id": FUZZ_HOST,
         "instance_id": FUZZ_INSTANCE,
@@ -106,6 +121,8 @@ def real_names(world: World) -> dict[str, str]:
         "env": t.env,
         "user_id": member["user_id"],
         "token_id": victim["id"],
+        "route_id": route["id"],
+        "address": ip["address"],
     }
 
 
@@ -165,6 +182,7 @@ def test_operation_conforms_and_never_fails(
 
 
 DIGESTS = ("sha256:" + "1" * 64, "sha256:" + "2" * 64)
+FUZZ_ROUTE = {"hostname": "fuzz.example.com", "process": "web", "backend_port": 8443}
 
 
 def release_body(org: str, app: str, digest: str) -> dict[str, Any]:
@@ -195,4 +213,6 @@ def valid_body(method: str, path: str, world: World) -> dict[str, Any] | None:
             "host_id": FUZZ_HOST,
             "state": "starting",
         },
+        ("POST", "/v1/orgs/{org}/apps/{app}/envs/{env}/routes"): FUZZ_ROUTE,
+        ("POST", "/v1/orgs/{org}/ips"): {"family": "ipv4"},
     }.get((method, path))

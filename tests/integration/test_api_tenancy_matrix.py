@@ -89,8 +89,17 @@ web = "httpd -f -p 8080"
 '''
 
 
-def probes(b: Tenant) -> list[Probe]:
-    params = {"org": b.org, "app": b.app, "env": b.env, "user_id": b.user_id, "version": "1"}
+def probes(b: Tenant, objects: dict[str, str]) -> list[Probe]:
+    """``objects``: B's own objects named in paths beyond org, app and env (a route id, a
+    dedicated address)."""
+    params = {
+        "org": b.org,
+        "app": b.app,
+        "env": b.env,
+        "user_id": b.user_id,
+        "version": "1",
+        **objects,
+    }
     fields = {
         "name": "probe",
         "email": b.email,
@@ -98,6 +107,8 @@ def probes(b: Tenant) -> list[Probe]:
         "image": {"repository": f"{b.org}/{b.app}", "digest": DIGEST},
         "manifest": manifest_for(b.app),
         "processes": {"web": {"count": 1}},
+        "process": "web",
+        "backend_port": 8443,
     }
     out = []
     for method, template, op in org_operations():
@@ -129,10 +140,20 @@ def test_other_tenants_objects_answer_exactly_like_missing_ones(api: Api, lonely
         },
     )
     b_token_id = api.call("GET", "/v1/whoami", b.token, 200)["token"]["id"]
+    # B has a route and a dedicated address, so their routes have something to leak.
+    b_env = f"/v1/orgs/{b.org}/apps/{b.app}/envs/{b.env}"
+    b_ip = api.call("POST", f"/v1/orgs/{b.org}/ips", b.token, 201, {})["address"]
+    b_route = api.call(
+        "POST",
+        f"{b_env}/routes",
+        b.token,
+        201,
+        {"hostname": "b.example.com", "process": "web", "backend_port": 8443, "ip": b_ip},
+    )["id"]
     # The same tenant A, with the same names, in a world without B.
     a_alone = lonely_api.tenant("alice")
 
-    cases = probes(b)
+    cases = probes(b, {"route_id": b_route, "address": b_ip})
     covered = {(p.method, p.template) for p in cases}
     assert covered == {(m, t) for m, t, _ in org_operations()}
     assert len(covered) >= 12  # sanity: the spec was read

@@ -14,10 +14,12 @@ from ember.api import errors
 from ember.api.hosts import Hosts
 from ember.api.middleware import EdgeMiddleware, Metrics
 from ember.api.releases import Releases
-from ember.api.routes import apps, hosts, orgs, releases, tokens, workloads
+from ember.api.routes import apps, edge_routes, hosts, ips, orgs, releases, tokens, workloads
+from ember.api.routing import Routing
 from ember.api.service import Tenancy
 from ember.api.workloads import Workloads
 from ember.core.catalog import REGISTRY
+from ember.core.routes import RoutingConfig
 from ember.store.db import Database
 from ember.store.eventlog import EventLog
 from ember.store.projections import ProjectionRunner
@@ -32,6 +34,10 @@ class ApiSettings:
     pool_size: int = 10
     registry_url: str | None = None
     """The platform registry `ember deploy` pushes to (EMBER_REGISTRY_URL)."""
+    routing: RoutingConfig = dataclasses.field(default_factory=RoutingConfig)
+    """The edge's port pool, dedicated IPv4 pool and shared address (EMBER_EDGE_*)."""
+    edge_max_wait_s: float = 30.0
+    """The longest an edge's long-poll is held (a request may ask for less)."""
 
 
 def create_app(settings: ApiSettings | None) -> FastAPI:
@@ -52,17 +58,25 @@ def create_app(settings: ApiSettings | None) -> FastAPI:
         app.state.releases = Releases(app.state.tenancy)
         app.state.workloads = Workloads(app.state.tenancy, app.state.releases)
         app.state.hosts = Hosts(app.state.tenancy)
+        app.state.routing = Routing(
+            app.state.tenancy,
+            app.state.releases,
+            settings.routing,
+            max_wait_s=settings.edge_max_wait_s,
+        )
         app.state.idempotency_locks = locks
         try:
             yield
         finally:
+            app.state.routing.close()
             locks.close()
             db.close()
 
     app = FastAPI(
         title="Ember control-plane API",
         version=__version__,
-        description="Orgs, members, apps, environments, tokens, releases and (for platform "
+        description="Orgs, members, apps, environments, tokens, releases, routes, dedicated "
+        "addresses and (for platform "
         "operators) hosts. Errors use the envelope "
         '`{"error": {"code", "message", "detail", "hint"}}` with stable codes.',
         lifespan=lifespan,
@@ -81,6 +95,8 @@ def create_app(settings: ApiSettings | None) -> FastAPI:
         workloads.router,
         tokens.router,
         hosts.router,
+        edge_routes.router,
+        ips.router,
     ):
         app.include_router(router)
 

@@ -225,6 +225,7 @@ class Hosts:
         state: str,
         exit_code: int | None,
         reason: str,
+        address: str | None = None,
     ) -> str:
         """Record what an agent observed about an instance; return the instance's state
         afterwards. Only the host the instance is assigned to may report on it (404
@@ -257,6 +258,7 @@ class Hosts:
                 state=state,
                 exit_code=exit_code,
                 reason=reason,
+                address=address,
             )
 
         if not known:

@@ -1,5 +1,6 @@
-"""User commands of `ember` (login, whoami, orgs, apps, envs, tokens): one module per
-noun, each talking to the control-plane API through ember.client only."""
+"""User commands of `ember` (login, whoami, orgs, apps, envs, tokens, deploy, routes,
+ips, ...): one module per noun, each talking to the control-plane API through
+ember.client only."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ def register(root: click.Group) -> None:
     from ember.cli.deploy import deploy, releases, rollback
     from ember.cli.envs import envs
     from ember.cli.hosts import hosts
+    from ember.cli.ips import ips
     from ember.cli.manifest import manifest
     from ember.cli.orgs import orgs
+    from ember.cli.routes import routes
     from ember.cli.tokens import tokens
     from ember.cli.workloads import restart, scale, status
 
@@ -33,6 +36,8 @@ def register(root: click.Group) -> None:
         scale,
         status,
         restart,
+        routes,
+        ips,
         hosts,
     ):
         root.add_command(command)

@@ -34,6 +34,7 @@ from ember.client.errors import (
 from ember.core.tenancy import Capability, Role
 from ember.wire import hosts as wh
 from ember.wire import models as w
+from ember.wire import routes as wr
 from ember.wire import workloads as ww
 
 M = TypeVar("M", bound=pydantic.BaseModel)
@@ -340,11 +341,19 @@ class Client:
         state: str,
         exit_code: int | None = None,
         reason: str = "",
+        address: str | None = None,
     ) -> wh.InstanceReportAccepted:
-        """Report what the agent observed about an instance on its host."""
+        """Report what the agent observed about an instance on its host (with
+        ``starting`` / ``healthy``: the instance's IP ``address``, where edges reach it)."""
         body = _body(
             wh.InstanceReport,
-            {"host_id": host_id, "state": state, "exit_code": exit_code, "reason": reason},
+            {
+                "host_id": host_id,
+                "state": state,
+                "exit_code": exit_code,
+                "reason": reason,
+                "address": address,
+            },
         )
         response = self._request("POST", path("v1", "instances", instance_id, "reports"), json=body)
         return _parse(response, wh.InstanceReportAccepted)
@@ -386,6 +395,82 @@ class Client:
         body = _body(ww.RolloutCommand, {"rollout_id": rollout_id})
         response = self._request("POST", _env_path(org, app, env, "rollout", action), json=body)
         return _parse(response, ww.Rollout)
+
+    # -- routes, dedicated addresses, the edge's snapshot -------------------------------
+
+    def iter_routes(self, org: str, app: str, env: str) -> Iterator[wr.Route]:
+        return self._pages(_env_path(org, app, env, "routes"), wr.Route)
+
+    def list_routes(self, org: str, app: str, env: str) -> list[wr.Route]:
+        return list(self.iter_routes(org, app, env))
+
+    def get_route(self, org: str, app: str, env: str, route_id: str) -> wr.Route:
+        return self._get(_env_path(org, app, env, "routes", route_id), wr.Route)
+
+    def create_route(
+        self,
+        org: str,
+        app: str,
+        env: str,
+        *,
+        kind: str = "tls",
+        hostname: str | None = None,
+        port: int | str | None = None,
+        process: str,
+        backend_port: int,
+        proxy_protocol: str | None = None,
+        ip: str | None = None,
+    ) -> Created[wr.Route]:
+        """A TLS route (``hostname``) or a TCP route (``kind="tcp"``, ``port`` a number or
+        ``"auto"``); ``created`` is False when the environment had this route already."""
+        return self._create(
+            _env_path(org, app, env, "routes"),
+            wr.RouteCreate,
+            {
+                "kind": kind,
+                "hostname": hostname,
+                "port": port,
+                "process": process,
+                "backend_port": backend_port,
+                "proxy_protocol": proxy_protocol,
+                "ip": ip,
+            },
+            wr.Route,
+        )
+
+    def delete_route(self, org: str, app: str, env: str, route_id: str) -> None:
+        self._request("DELETE", _env_path(org, app, env, "routes", route_id))
+
+    def iter_ips(self, org: str) -> Iterator[wr.IpAddress]:
+        return self._pages(path("v1", "orgs", org, "ips"), wr.IpAddress)
+
+    def list_ips(self, org: str) -> list[wr.IpAddress]:
+        return list(self.iter_ips(org))
+
+    def allocate_ipv4(self, org: str) -> wr.IpAddress:
+        """A dedicated IPv4 address for the org (a paid add-on): a new one on every call
+        (a retry of this call reuses its Idempotency-Key and allocates nothing more)."""
+        body = _body(wr.IpAllocate, {"family": "ipv4"})
+        response = self._request("POST", path("v1", "orgs", org, "ips"), json=body)
+        return _parse(response, wr.IpAddress)
+
+    def release_ip(self, org: str, address: str) -> None:
+        self._request("DELETE", path("v1", "orgs", org, "ips", address))
+
+    def edge_snapshot(self, after: str | None = None, wait: float = 0.0) -> wr.EdgeSnapshot:
+        """Every route with its backends; with ``after`` (a snapshot's cursor) and
+        ``wait`` (seconds, at most 30), answer when something changed after it, or when
+        the wait runs out. ``.to_core()`` gives the ember.core.edge dataclasses."""
+        params: dict[str, Any] = {}
+        if after is not None:
+            params = {"after": after, "wait": wait}
+        request = self.build_request("GET", "/v1/edge/snapshot", params=params)
+        # The server holds the answer up to ``wait``: allow that on top of the timeout.
+        request.extensions["timeout"] = httpx.Timeout(self.timeout + wait).as_dict()
+        response = self._send(request)
+        if response.status_code >= 400:
+            raise error_from_response(response.status_code, response.headers, response.content)
+        return _parse(response, wr.EdgeSnapshot)
 
     # -- plumbing --------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ validates appends and upcasts reads against this one registry.
 
 from __future__ import annotations
 
-from ember.core import hosts, instances, releases, tenancy, workloads
+from ember.core import hosts, instances, ipv4, releases, routes, tenancy, workloads
 from ember.core.events import EventData, EventRegistry
 
 REGISTRY = EventRegistry()
@@ -15,6 +15,8 @@ REGISTRY.include(releases.REGISTRY)
 REGISTRY.include(hosts.REGISTRY)
 REGISTRY.include(instances.REGISTRY)
 REGISTRY.include(workloads.REGISTRY)
+REGISTRY.include(routes.REGISTRY)
+REGISTRY.include(ipv4.REGISTRY)
 
 
 @REGISTRY.register

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import ipaddress
 import json
 from typing import Any
 
@@ -150,6 +151,8 @@ class InstanceStarting(EventData):
     event_type = "instance.starting"
     instance_id: str
     host_id: str
+    address: str | None = None
+    """The instance's IP address, where the edge reaches it (an IP literal, no zone)."""
 
 
 @REGISTRY.register
@@ -157,6 +160,7 @@ class InstanceHealthy(EventData):
     event_type = "instance.healthy"
     instance_id: str
     host_id: str
+    address: str | None = None
 
 
 @REGISTRY.register
@@ -210,9 +214,13 @@ def decide_report(
     state: str,
     exit_code: int | None = None,
     reason: str = "",
+    address: str | None = None,
 ) -> list[EventData]:
     """The event for an agent's report about ``instance_id``, or nothing when the report
-    changes nothing. Only the host the instance is assigned to may report on it."""
+    changes nothing. Only the host the instance is assigned to may report on it.
+
+    ``address`` (the instance's IP, where the edge reaches it) comes with ``starting`` or
+    ``healthy``; a later report without one keeps the known address."""
     try:
         observed = InstanceState(state)
     except ValueError:
@@ -224,6 +232,8 @@ def decide_report(
             detail={"field": "state"},
         )
     assert observed is not None
+    if address is not None:
+        address = check_instance_address(address, observed)
     if assigned_host != host_id:
         raise InstanceNotFound(
             f"instance {instance_id} is not assigned to host {host_id}",
@@ -244,7 +254,29 @@ def decide_report(
         fields["exit_code"] = exit_code
     if observed in (InstanceState.FAILED, InstanceState.UNHEALTHY):
         fields["reason"] = reason[:500]
+    if address is not None:
+        fields["address"] = address
     return [_REPORT_EVENTS[observed](**fields)]
+
+
+def check_instance_address(address: str, observed: InstanceState) -> str:
+    """An instance's address as reported: a unicast IP literal without zone or brackets,
+    on a ``starting`` or ``healthy`` report; returned in its normal form."""
+    if observed not in (InstanceState.STARTING, InstanceState.HEALTHY):
+        raise InvalidReport(
+            f"an address comes with a starting or healthy report, not {observed.value}",
+            detail={"field": "address"},
+        )
+    try:
+        ip = ipaddress.ip_address(address) if "%" not in address else None
+    except ValueError:
+        ip = None
+    if ip is None or ip.is_unspecified or ip.is_multicast:
+        raise InvalidReport(
+            f"invalid instance address {address!r}: an IPv6 or IPv4 unicast address",
+            detail={"field": "address"},
+        )
+    return str(ip)
 
 
 _EVENT_STATE = {

@@ -40,8 +40,11 @@ def api(ops: OpsContext, host: str, port: int, workers: int) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import os
 
+    from ember.core.routes import load_routing_config
+
     registry = os.environ.get("EMBER_REGISTRY_URL") or None
-    app = create_app(ApiSettings(database_url=url, registry_url=registry))
+    routing = load_routing_config(os.environ)
+    app = create_app(ApiSettings(database_url=url, registry_url=registry, routing=routing))
     uvicorn.run(app, host=host, port=port, workers=workers, access_log=False, log_level="warning")
 
 

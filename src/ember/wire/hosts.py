@@ -107,6 +107,13 @@ class InstanceReport(Body):
     )
     exit_code: int | None = Field(None, ge=-(2**31), le=2**31 - 1)
     reason: str = Field("", max_length=2000)
+    address: str | None = Field(
+        None,
+        max_length=45,
+        description="With starting or healthy: the instance's IP address (IPv6 or IPv4, "
+        "no brackets or zone), where the edge reaches it.",
+        examples=["fd00:e:1::a"],
+    )
 
 
 class InstanceReportAccepted(BaseModel):

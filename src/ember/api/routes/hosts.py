@@ -214,5 +214,6 @@ def report_instance(
         state=body.state,
         exit_code=body.exit_code,
         reason=body.reason,
+        address=body.address,
     )
     return wh.InstanceReportAccepted(instance_id=instance_id, state=state)

@@ -3,6 +3,9 @@
 Instance state moves through :func:`ember.core.instances.next_state`, which is monotone,
 so reports racing with the controller's own events cannot resurrect an ended instance.
 
+The instance's ``address`` comes with ``instance.starting`` / ``instance.healthy`` (the
+agent's report); a transition without one keeps the address known.
+
 An instance transition on a host or instance stream (``instance.assigned`` above all: the
 scheduler writes one per placement) is folded in one statement: the redelivery guard, the
 host stream's version and the transition, with ``next_state`` tabulated for the event
@@ -148,6 +151,7 @@ class SchedulingProjection:
                 "assigned_host": d.get("host_id") if event.type == "instance.assigned" else None,
                 "reason": reason,
                 "exit_code": d.get("exit_code"),
+                "address": d.get("address"),
                 "instance": d["instance_id"],
             },
         )
@@ -171,7 +175,8 @@ class SchedulingProjection:
                    host_id = coalesce(%s, host_id),
                    reason = CASE WHEN %s <> '' THEN %s
                                  WHEN %s IN ('starting', 'healthy') THEN '' ELSE reason END,
-                   exit_code = coalesce(%s, exit_code)
+                   exit_code = coalesce(%s, exit_code),
+                   address = coalesce(%s, address)
                WHERE instance_id = %s""",
             (
                 new.value,
@@ -181,6 +186,7 @@ class SchedulingProjection:
                 reason,
                 new.value,
                 d.get("exit_code"),
+                d.get("address"),
                 d["instance_id"],
             ),
         )
@@ -218,7 +224,8 @@ UPDATE view_instances i SET state = m.new, state_since = %(at)s,
     host_id = coalesce(%(assigned_host)s, i.host_id),
     reason = CASE WHEN %(reason)s <> '' THEN %(reason)s
                   WHEN m.new IN ('starting', 'healthy') THEN '' ELSE i.reason END,
-    exit_code = coalesce(%(exit_code)s, i.exit_code)
+    exit_code = coalesce(%(exit_code)s, i.exit_code),
+    address = coalesce(%(address)s, i.address)
 FROM (VALUES {transitions}) AS m(old, new)
 WHERE i.instance_id = %(instance)s AND i.state = m.old AND EXISTS (SELECT FROM guard)
 """

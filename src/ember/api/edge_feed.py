@@ -1,0 +1,182 @@
+"""The edge's long-poll: wake waiting ``GET /v1/edge/snapshot?after=...&wait=...`` requests
+as soon as the views the snapshot is read from have folded a change that matters to it.
+
+One worker thread per API process holds a connection that LISTENs on the event log's
+channel (ember.store.eventlog.CHANNEL; the notification only wakes, it carries no data).
+On every wake-up it folds the ``routes`` and ``scheduling`` projections itself — an edge
+must not wait for the controller's projector loop — and publishes their common cursor:
+the lowest of their checkpoints, up to which both views are exact. Waiting requests are
+asyncio tasks, not threads: a thousand edges long-polling hold no worker thread each.
+
+Not every event changes what an edge serves; a waiter wakes only when an event that can
+(``route.*``, ``instance.*``, ``app.deleted``, ``env.deleted``) lies between its ``after``
+and the published cursor. When the worker starts it cannot know what came before, so it
+treats its first cursor as a change (a spurious wake-up is harmless; a lost one is not).
+
+While committed events sit behind a transaction still in flight (they are not readable
+yet, events.md §3), the worker re-checks on a short, growing timer instead of its idle
+timeout: a transaction that rolls back sends no notification.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Sequence
+
+import psycopg
+
+from ember.core.errors import EmberError
+from ember.core.events import ZERO, Cursor
+from ember.store.db import Database, connect
+from ember.store.eventlog import CHANNEL
+from ember.store.projections import ProjectionRunner
+
+log = logging.getLogger(__name__)
+
+PROJECTIONS = ("routes", "scheduling")
+_RELEVANT_SQL = """
+SELECT EXISTS (
+    SELECT 1 FROM events
+    WHERE (xid, position) > (%s::text::xid8, %s) AND (xid, position) <= (%s::text::xid8, %s)
+      AND (type LIKE 'route.%%' OR type LIKE 'instance.%%'
+           OR type IN ('app.deleted', 'env.deleted'))
+)
+"""
+_HELD_BACK_SQL = """
+SELECT EXISTS (SELECT 1 FROM events WHERE (xid, position) > (%s::text::xid8, %s)
+               AND xid >= pg_snapshot_xmin(pg_current_snapshot()))
+"""
+
+_Waiter = tuple[asyncio.AbstractEventLoop, asyncio.Event]
+
+
+class EdgeFeed:
+    def __init__(
+        self,
+        db: Database,
+        runner: ProjectionRunner,
+        projections: Sequence[str] = PROJECTIONS,
+        *,
+        idle_s: float = 1.0,
+    ) -> None:
+        self.db = db
+        self.runner = runner
+        self.projections = tuple(projections)
+        self.idle_s = idle_s
+        self._lock = threading.Lock()
+        self._waiters: set[_Waiter] = set()
+        self._current: Cursor | None = None
+        self._changed: Cursor | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- the requests' side ------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None and not self._stop.is_set():
+                self._thread = threading.Thread(
+                    target=self._run, name="ember-edge-feed", daemon=True
+                )
+                self._thread.start()
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def changed_after(self, after: Cursor) -> bool:
+        with self._lock:
+            return self._changed is not None and self._changed > after
+
+    async def wait_past(self, after: Cursor, timeout: float) -> bool:
+        """Wait until a change past ``after`` is folded (True) or ``timeout`` passes."""
+        self.start()
+        loop = asyncio.get_running_loop()
+        waiter = (loop, asyncio.Event())
+        deadline = loop.time() + timeout
+        with self._lock:
+            self._waiters.add(waiter)
+        try:
+            while True:
+                # Clear before checking: a wake-up between the check and the wait then
+                # leaves the event set, and the wait returns at once.
+                waiter[1].clear()
+                if self.changed_after(after):
+                    return True
+                left = deadline - loop.time()
+                if left <= 0:
+                    return False
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waiter[1].wait(), left)
+        finally:
+            with self._lock:
+                self._waiters.discard(waiter)
+
+    # -- the worker --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn = connect(self.db.conninfo, autocommit=True)
+            except EmberError as exc:
+                log.warning("edge feed: cannot connect: %s", exc.message)
+                self._stop.wait(1.0)
+                continue
+            try:
+                conn.execute(f"LISTEN {CHANNEL}")
+                self._follow(conn)
+            except (EmberError, psycopg.Error) as exc:
+                if not self._stop.is_set():
+                    log.warning("edge feed: %s; reconnecting", exc)
+                    self._stop.wait(1.0)
+            finally:
+                conn.close()
+
+    def _follow(self, conn: psycopg.Connection) -> None:
+        held_wait = 0.002
+        while not self._stop.is_set():
+            for name in self.projections:
+                self.runner.catch_up(name)
+            cursor = min((self.runner.cursor(n) for n in self.projections), default=ZERO)
+            self._publish(conn, cursor)
+            row = conn.execute(_HELD_BACK_SQL, (str(cursor.xid), cursor.position)).fetchone()
+            if row and row[0]:
+                timeout, held_wait = held_wait, min(held_wait * 2, 0.25)
+            else:
+                timeout, held_wait = self.idle_s, 0.002
+            self._wait_for_notify(conn, timeout)
+
+    def _publish(self, conn: psycopg.Connection, cursor: Cursor) -> None:
+        previous = self._current
+        if previous is None:
+            changed: Cursor | None = cursor
+        elif cursor > previous:
+            row = conn.execute(
+                _RELEVANT_SQL,
+                (str(previous.xid), previous.position, str(cursor.xid), cursor.position),
+            ).fetchone()
+            changed = cursor if row and row[0] else self._changed
+        else:
+            return
+        with self._lock:
+            self._current, self._changed = cursor, changed
+            waiters = list(self._waiters)
+        for loop, event in waiters:
+            with contextlib.suppress(RuntimeError):  # its loop has closed: nobody waits
+                loop.call_soon_threadsafe(event.set)
+
+    def _wait_for_notify(self, conn: psycopg.Connection, timeout: float) -> None:
+        """Block until a notification arrives or ``timeout`` passes, noticing a stop
+        within 0.2 s."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0 and not self._stop.is_set():
+            if any(True for _ in conn.notifies(timeout=min(left, 0.2), stop_after=1)):
+                for _ in conn.notifies(timeout=0.001):  # one re-read covers them all
+                    pass
+                return

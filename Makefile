@@ -3,10 +3,10 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
-BENCHES := eventlog api scheduler
+BENCHES := eventlog api scheduler edge
 QUICK ?=
 
-.PHONY: bootstrap lint fmt typecheck test test-fast demo bench $(addprefix bench-,$(BENCHES)) schema openapi clean
+.PHONY: bootstrap lint fmt typecheck test test-fast demo bench $(addprefix bench-,$(BENCHES)) schema openapi clean guest
 
 bootstrap:  ## install missing Debian packages and the project into .venv (idempotent)
 	@bash scripts/bootstrap.sh
@@ -26,6 +26,9 @@ test: bootstrap lint  ## everything: lint + unit + integration + e2e
 
 test-fast: bootstrap
 	$(BIN)/pytest -q tests/unit
+
+guest: bootstrap  ## build the microVM kernel, init and initramfs into guest/build (cached)
+	$(PY) guest/build.py --out guest/build
 
 demo: bootstrap  ## bring up the single-node stack and show the control plane working
 	@bash scripts/demo.sh

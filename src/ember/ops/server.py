@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import signal
 import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from ember.ops.context import OpsContext, pass_ops
 from ember.store import migrations
+
+if TYPE_CHECKING:
+    from ember.core.edge import EdgeSnapshot
 
 
 @click.group()
@@ -135,3 +140,73 @@ def controller(
     ctl = Controller(ops.event_log(), ops.projections(), config, metrics=metrics)
     click.echo(f"controller {ctl.holder}: standing by for the lease", err=True)
     ctl.run(stopping.is_set, batch_size=batch_size)
+
+
+@server.command()
+@click.option(
+    "--api-url",
+    default="http://127.0.0.1:7070",
+    show_default=True,
+    envvar="EMBER_API_URL",
+    help="the control-plane API to list and watch routes from",
+)
+@click.option(
+    "--token",
+    envvar=["EMBER_EDGE_TOKEN", "EMBER_API_TOKEN"],
+    required=True,
+    help="an operator token (edge node identities come later) [env: EMBER_EDGE_TOKEN]",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="EMBER_EDGE_DIR",
+    help="HAProxy's configuration and sockets [default: $EMBER_HOME/edge]",
+)
+@click.option("--wait", type=click.FloatRange(0.1, 30), default=25.0, show_default=True)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    envvar="EMBER_EDGE_METRICS_PORT",
+    help="serve Prometheus metrics on 127.0.0.1:PORT (0: off)",
+)
+@pass_ops
+def edge(
+    ops: OpsContext,
+    api_url: str,
+    token: str,
+    data_dir: Path | None,
+    wait: float,
+    metrics_port: int,
+) -> None:
+    """The edge: keeps a local HAProxy serving the control plane's routes (SNI
+    passthrough, raw TCP, PROXY v2). Stops on SIGTERM; HAProxy keeps serving until then."""
+    import logging
+
+    from prometheus_client import start_http_server
+
+    from ember.client import Client
+    from ember.edge.controller import EdgeController, EdgeMetrics
+    from ember.edge.haproxy import HAProxy
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    root = data_dir or ops.settings.home / "edge"
+    root.mkdir(parents=True, exist_ok=True)
+    metrics = EdgeMetrics()
+    if metrics_port:
+        start_http_server(metrics_port, addr="127.0.0.1", registry=metrics.registry)
+    with Client(api_url, token, timeout=wait + 10) as client:
+        haproxy = HAProxy(root)
+
+        def source(after: str | None, wait_s: float) -> EdgeSnapshot:
+            return client.edge_snapshot(after=after, wait=wait_s).to_core()
+
+        controller = EdgeController(source, haproxy, metrics, wait_s=wait)
+        click.echo(f"edge: serving routes from {api_url} with HAProxy in {root}", err=True)
+        try:
+            controller.run(stopping.is_set)
+        finally:
+            haproxy.stop(grace_s=2.0)

@@ -1,11 +1,13 @@
-"""Issue 5's "done when", with the real executables: on a dev stack (API, controller,
-Postgres, registry) with two simulated hosts, `ember deploy` of the hello-http sample's
-manifest waits for and reaches its desired instances, `ember scale` spreads them, and
-`ember status` answers what is desired, what runs and why it does not converge."""
+"""With the real executables on a dev stack (API, controller, edge, Postgres, registry)
+and two simulated hosts: `ember deploy` of the hello-http sample's manifest waits for and
+reaches its desired instances, `ember scale` spreads them, `ember status` answers what is
+desired, what runs and why it does not converge; and a route made with `ember routes
+create` carries traffic through the edge (HAProxy) to the instances' endpoint."""
 
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
@@ -23,6 +25,32 @@ from tests.support.simagent import HttpTransport, SimAgent
 from tests.support.stack import stack_env
 
 SAMPLE = Path(__file__).parents[2] / "examples" / "hello-http" / "ember.toml"
+BACKEND = ("127.0.0.2", 8080)  # a registered test endpoint standing in for the instances
+
+
+class Backend:
+    """A TCP server at BACKEND answering every connection with a greeting."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(BACKEND)
+        self.server.settimeout(0.2)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.sendall(b"hello from the instance\n")
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=5)
+        self.server.close()
 
 
 class Agents:
@@ -35,7 +63,10 @@ class Agents:
             body = {"vcpus": 4, "memory_mb": 4096, "disk_mb": 20_000, "region": "local"}
             response = self.client.put(f"/v1/hosts/{host}", json=body, headers=transport.headers)
             assert response.status_code in (200, 201), response.text
-        self.agents = [SimAgent(transport, h, health_delay=1) for h in hosts]
+        # Every instance answers at the test endpoint (no microVMs here): BACKEND.
+        self.agents = [
+            SimAgent(transport, h, health_delay=1, address=lambda _iid: BACKEND[0]) for h in hosts
+        ]
         self.stopping = threading.Event()
         self.errors: list[Exception] = []
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -130,3 +161,50 @@ def _wait(
 
 def _wait_converged(stack: Stack) -> dict[str, Any]:
     return _wait(stack, lambda s: bool(s["converged"]))
+
+
+@pytest.fixture
+def backend() -> Iterator[Backend]:
+    b = Backend()
+    yield b
+    b.close()
+
+
+def test_a_cli_route_carries_traffic_through_the_edge(
+    stack: Stack, agents: Agents, backend: Backend
+) -> None:
+    status = _wait_converged(stack)
+    assert status["release"] is not None  # deployed by the test above
+    route = stack.json(
+        "routes",
+        "create",
+        "--tcp",
+        "--port",
+        "auto",
+        "--process",
+        "web",
+        "--backend-port",
+        str(BACKEND[1]),
+        "--env",
+        "prod",
+    )
+    port = int(route["port"])  # type: ignore[index]
+    assert 10000 <= port <= 10999
+
+    def greeting() -> bytes | None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
+                return conn.recv(100)
+        except OSError:
+            return None
+
+    deadline = time.monotonic() + 30
+    while (answer := greeting()) != b"hello from the instance\n":
+        assert time.monotonic() < deadline, f"the edge never routed port {port}: {answer!r}"
+        time.sleep(0.2)
+    # Deleting the route closes the port to new connections.
+    stack("routes", "delete", route["id"], "--env", "prod", "--yes")  # type: ignore[index]
+    deadline = time.monotonic() + 30
+    while greeting() is not None:
+        assert time.monotonic() < deadline, "the deleted route still answers"
+        time.sleep(0.2)

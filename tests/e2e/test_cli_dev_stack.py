@@ -59,6 +59,7 @@ def test_dev_up_creates_the_stack_once_and_is_idempotent(home: Path) -> None:
     config = (home / "cli.toml").read_text()
     assert info["admin_token"] in config and 'org = "local"' in config
     assert info["services_started"] == {"api": True, "controller": True, "registry": True}
+    assert info["edge"] == "started"
     registry_url = info["registry_url"]
     assert registry_url == f"http://127.0.0.1:{stack_env(home)['EMBER_REGISTRY_PORT']}"
 
@@ -67,8 +68,9 @@ def test_dev_up_creates_the_stack_once_and_is_idempotent(home: Path) -> None:
     assert again["migrations_applied"] == []
     assert again["admin_token"] is None
     assert again["services_started"] == {"api": False, "controller": False, "registry": False}
+    assert again["edge"] == "running"
     status = json.loads(ember(home, "dev", "status", "--json").stdout)
-    assert status["services"] == {"api": True, "controller": True, "registry": True}
+    assert status["services"] == {"api": True, "controller": True, "registry": True, "edge": True}
     import httpx
 
     assert httpx.get(status["api_url"] + "/readyz").json() == {"status": "ready"}
@@ -92,7 +94,13 @@ def test_dev_up_creates_the_stack_once_and_is_idempotent(home: Path) -> None:
 
 def test_projections_status_and_rebuild(home: Path) -> None:
     status = json.loads(ember(home, "admin", "projections", "status", "--json").stdout)
-    assert sorted(s["name"] for s in status) == ["releases", "scheduling", "streams", "tenancy"]
+    assert sorted(s["name"] for s in status) == [
+        "releases",
+        "routes",
+        "scheduling",
+        "streams",
+        "tenancy",
+    ]
     assert all(s["lag_events"] == 0 for s in status)
     first = json.loads(ember(home, "admin", "projections", "rebuild", "--json").stdout)
     second = json.loads(ember(home, "admin", "projections", "rebuild", "streams", "--json").stdout)
@@ -165,7 +173,7 @@ def test_dev_down_stops_and_then_commands_say_what_to_do(home: Path) -> None:
     assert down.returncode == 0
     assert json.loads(down.stdout) == {
         "stopped": True,
-        "services_stopped": {"api": True, "controller": True, "registry": True},
+        "services_stopped": {"api": True, "controller": True, "registry": True, "edge": True},
     }
     assert json.loads(ember(home, "dev", "down", "--json").stdout)["stopped"] is False
     proc = ember(home, "admin", "events", "list")

@@ -10,7 +10,7 @@ an API) and :class:`HttpTransport` (the control-plane API, for end-to-end tests)
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any, Protocol
 
 import httpx
@@ -27,7 +27,13 @@ class Transport(Protocol):
     def allocations(self, host_id: str) -> list[dict[str, Any]]: ...
 
     def report(
-        self, instance_id: str, host_id: str, state: str, exit_code: int | None, reason: str
+        self,
+        instance_id: str,
+        host_id: str,
+        state: str,
+        exit_code: int | None,
+        reason: str,
+        address: str | None = None,
     ) -> None: ...
 
 
@@ -40,6 +46,8 @@ class SimAgent:
     host_id: str
     health_delay: int = 0
     failing_digests: Collection[str] = ()
+    address: Callable[[str], str | None] = lambda _iid: None
+    """The address an instance reports (where the edge reaches it); None: no address."""
     _starting: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def step(self) -> int:
@@ -52,7 +60,8 @@ class SimAgent:
             if target is None:
                 continue
             state_value, exit_code, reason = target
-            self.transport.report(iid, self.host_id, state_value, exit_code, reason)
+            address = self.address(iid) if state_value in ("starting", "healthy") else None
+            self.transport.report(iid, self.host_id, state_value, exit_code, reason, address)
             sent += 1
         return sent
 
@@ -99,7 +108,13 @@ class StoreTransport:
         return [{"instance_id": r[0], "state": r[1], "spec": r[2]} for r in rows]
 
     def report(
-        self, instance_id: str, host_id: str, state: str, exit_code: int | None, reason: str
+        self,
+        instance_id: str,
+        host_id: str,
+        state: str,
+        exit_code: int | None,
+        reason: str,
+        address: str | None = None,
     ) -> None:
         with self.log.db.connection() as conn:
             row = conn.execute(
@@ -115,6 +130,7 @@ class StoreTransport:
             state=state,
             exit_code=exit_code,
             reason=reason,
+            address=address,
         )
         if events:
             stream = instance_stream(instance_id)
@@ -148,12 +164,24 @@ class HttpTransport:
         return items
 
     def report(
-        self, instance_id: str, host_id: str, state: str, exit_code: int | None, reason: str
+        self,
+        instance_id: str,
+        host_id: str,
+        state: str,
+        exit_code: int | None,
+        reason: str,
+        address: str | None = None,
     ) -> None:
+        body: dict[str, Any] = {
+            "host_id": host_id,
+            "state": state,
+            "exit_code": exit_code,
+            "reason": reason,
+        }
+        if address is not None:
+            body["address"] = address
         self._ok(
             self.client.post(
-                f"/v1/instances/{instance_id}/reports",
-                headers=self.headers,
-                json={"host_id": host_id, "state": state, "exit_code": exit_code, "reason": reason},
+                f"/v1/instances/{instance_id}/reports", headers=self.headers, json=body
             )
         )

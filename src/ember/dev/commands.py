@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import sys
 import time
@@ -35,7 +36,8 @@ from ember.store.db import redact
 STACK_STREAM = "stack-local"
 ADMIN_EMAIL = "admin@localhost"
 ADMIN_ORG = "local"
-SERVICES = ("api", "controller", registry.NAME)
+CORE_SERVICES = ("api", "controller", registry.NAME)
+SERVICES = (*CORE_SERVICES, "edge")
 
 
 def _supervisor(ops: OpsContext) -> Supervisor:
@@ -71,6 +73,8 @@ def _start_services(ops: OpsContext) -> dict[str, bool]:
         "EMBER_DATABASE_URL": ops.database_url,
         "EMBER_API_PORT": str(ops.settings.api_port),
         "EMBER_REGISTRY_URL": _registry_url(ops),
+        # The dev edge binds loopback only: routes on the shared address are 127.0.0.1.
+        "EMBER_EDGE_SHARED_ADDRESS": os.environ.get("EMBER_EDGE_SHARED_ADDRESS", "127.0.0.1"),
     }
     for name, port, variable in (
         ("api", ops.settings.api_port, "EMBER_API_PORT"),
@@ -99,6 +103,40 @@ def _start_services(ops: OpsContext) -> dict[str, bool]:
     return started
 
 
+def _start_edge(ops: OpsContext) -> str:
+    """`ember server edge` with its own operator token (kept in $EMBER_HOME/edge/token,
+    mode 0600); skipped, and said so, where HAProxy is not installed."""
+    if shutil.which("haproxy") is None:
+        return "not started: haproxy is not installed (make bootstrap installs it)"
+    sup = _supervisor(ops)
+    edge_dir = ops.settings.home / "edge"
+    edge_dir.mkdir(parents=True, exist_ok=True)
+    token_file = edge_dir / "token"
+    if not token_file.exists():
+        svc = ops.tenancy()
+        user = svc.user_by_email(ADMIN_EMAIL)
+        assert user is not None, "the local admin exists by now"
+        secret, _ = svc.issue_token(
+            user["user_id"],
+            "ember dev edge",
+            scope=Scope(),
+            capabilities=frozenset(Capability),
+            actor="ember dev up",
+        )
+        token_file.touch(mode=0o600)
+        token_file.write_text(secret)
+    ember = os.path.join(os.path.dirname(sys.executable), "ember")
+    env = {
+        **os.environ,
+        "EMBER_HOME": str(ops.settings.home),
+        "EMBER_API_URL": _api_url(ops),
+        "EMBER_EDGE_TOKEN": token_file.read_text().strip(),
+        "EMBER_EDGE_DIR": str(edge_dir / "haproxy"),
+    }
+    started = sup.start("edge", [ember, "server", "edge"], env)
+    return "started" if started else "running"
+
+
 def _port_taken(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
@@ -107,7 +145,7 @@ def _port_taken(port: int) -> bool:
 def _wait_ready(ops: OpsContext, sup: Supervisor, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for name in SERVICES:
+        for name in CORE_SERVICES:
             if sup.exited_early(name):
                 raise StackFailed(
                     f"the {name} process exited during start-up",
@@ -201,6 +239,8 @@ def up(ops: OpsContext) -> None:
     with step("Starting the registry, the API and the controller…", quiet=ops.as_json):
         info["services_started"] = _start_services(ops)
     token = _ensure_admin(ops)
+    with step("Starting the edge (HAProxy)…", quiet=ops.as_json):
+        info["edge"] = _start_edge(ops)
     runner = ops.projections()
     runner.catch_up()
     info["event"] = f"stack.started at {result.cursor} (version {result.last_version})"
@@ -220,6 +260,7 @@ def up(ops: OpsContext) -> None:
             "database": info["database_url"],
             "api": info["api_url"],
             "registry": info["registry_url"],
+            "edge": info["edge"],
             "migrations": ", ".join(info["migrations_applied"]) or "up to date",  # type: ignore[arg-type]
             "event": info["event"],
         }

@@ -191,8 +191,16 @@ def edge(
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     stopping = threading.Event()
+
+    def stop_now(*_: object) -> None:
+        # Interrupt a long-poll in flight too: HAProxy must be stopped before the
+        # supervisor's grace period ends, or it would outlive the edge.
+        if not stopping.is_set():
+            stopping.set()
+            raise KeyboardInterrupt
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stopping.set())
+        signal.signal(sig, stop_now)
     root = data_dir or ops.settings.home / "edge"
     root.mkdir(parents=True, exist_ok=True)
     metrics = EdgeMetrics()
@@ -208,5 +216,7 @@ def edge(
         click.echo(f"edge: serving routes from {api_url} with HAProxy in {root}", err=True)
         try:
             controller.run(stopping.is_set)
+        except KeyboardInterrupt:
+            pass
         finally:
             haproxy.stop(grace_s=2.0)

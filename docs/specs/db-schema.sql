@@ -113,7 +113,8 @@ CREATE TABLE public.view_hosts (
     down boolean NOT NULL,
     version bigint NOT NULL,
     registered_at timestamp with time zone NOT NULL,
-    state_since timestamp with time zone NOT NULL
+    state_since timestamp with time zone NOT NULL,
+    public_key text
 );
 
 CREATE TABLE public.view_instances (

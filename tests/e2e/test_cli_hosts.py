@@ -1,5 +1,6 @@
 """`ember hosts` and the operator commands of `ember admin`, with the real executables
-against `ember server api`; and `ember dev up` making its local admin an operator."""
+against `ember server api`; `ember dev up` making its local admin an operator; and an
+agent's enrolment and signed requests through the client library."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from ember.client import ApiForbidden, ApiNotFound, ApiUnauthorized, Client
+from ember.client.node_auth import NodeAuth, NodeIdentity
 from tests.e2e.conftest import EMBER, ApiServer, Cli, User
 from tests.support.stack import stack_env
 
@@ -116,3 +119,56 @@ def test_dev_up_makes_the_local_admin_an_operator(database_url: str, tmp_path: P
         assert ember("hosts", "list", "--json").returncode == 0
     finally:
         ember("dev", "down")
+
+
+def test_enroll_token_and_an_agent_signing_its_requests(
+    cli: Cli, api_server: ApiServer, operator: User, tmp_path: Path
+) -> None:
+    """`ember hosts enroll-token`, then the client library as an agent would use it, over
+    real HTTP: enrol once (a retry is harmless), then sign every request."""
+    cli.use(operator)
+    made = cli.ok("hosts", "enroll-token", "--host-id", "agent-1", "--expires", "10m")
+    assert made["token"].startswith("ember_agt_") and made["host_id"] == "agent-1"
+    people = cli("hosts", "enroll-token")
+    assert people.returncode == 0 and "ember_agt_" in people.stdout and "any host" in people.stdout
+    assert cli.fails(2, "hosts", "enroll-token", "--expires", "8d")["detail"] == {
+        "field": "--expires"
+    }
+    assert cli.fails(2, "hosts", "enroll-token", "--host-id", "Bad_Id")["detail"] == {
+        "field": "--host-id"
+    }
+    cli.use(api_server.create_user("notops@example.com", "notops"))
+    assert cli.fails(5, "hosts", "enroll-token")["code"] == "auth.forbidden"
+
+    identity = NodeIdentity.load_or_create(tmp_path / "agent" / "node.key")
+    with Client(api_server.url, None) as anonymous:
+        facts = {"vcpus": 2, "memory_mb": 2048, "region": "fra"}
+        first = anonymous.enroll(
+            made["token"], host_id="agent-1", public_key=identity.public_key_b64, **facts
+        )
+        assert (first.item.host_id, first.created) == ("agent-1", True)
+        again = anonymous.enroll(
+            made["token"], host_id="agent-1", public_key=identity.public_key_b64, **facts
+        )
+        assert again.created is False
+        with pytest.raises(ApiUnauthorized):
+            anonymous.enroll(made["token"], host_id="agent-2", public_key="A" * 43, **facts)
+
+    node = NodeAuth(NodeIdentity.load(tmp_path / "agent" / "node.key"), "agent-1")
+    with Client(api_server.url, operator.token, auth=node) as agent:  # auth wins
+        agent.heartbeat("agent-1", {"vms": 0})
+        assert agent.host_allocations("agent-1").items == []
+        assert agent.register_host("agent-1", vcpus=4, memory_mb=2048, region="fra").item.vcpus == 4
+        # A percent-encoded path is signed as the server decodes it: the signature holds,
+        # and the answer is about the instance.
+        with pytest.raises(ApiNotFound) as missing:
+            agent.report_instance("ins é", host_id="agent-1", state="healthy")
+        assert missing.value.code == "instance.not_found"
+        with pytest.raises(ApiForbidden):
+            agent.heartbeat("web-2")
+        with pytest.raises(ApiForbidden):
+            agent.list_hosts()
+    cli.use(operator)
+    shown = cli.ok("hosts", "show", "agent-1")
+    assert (shown["public_key"], shown["vcpus"]) == (identity.public_key_b64, 4)
+    assert identity.public_key_b64 in cli("hosts", "show", "agent-1").stdout

@@ -24,10 +24,11 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
 from ember.api.app import ApiSettings, create_app
+from ember.client.node_auth import NodeIdentity
 from ember.dev.postgres import LocalCluster
 from tests.support import pg
 from tests.support.api import Api, Tenant, running_api
-from tests.support.hosts import HOST, place
+from tests.support.hosts import HOST, enroll_body, enroll_token, place
 from tests.support.workloads import awaiting_canary
 
 SPEC = Path(__file__).resolve().parents[2] / "docs/specs/openapi.json"
@@ -191,6 +192,10 @@ def release_body(org: str, app: str, digest: str) -> dict[str, Any]:
 
 
 def valid_body(method: str, path: str, world: World) -> dict[str, Any] | None:
+    if (method, path) == ("POST", "/v1/agents/enroll"):
+        # A fresh one-time token (made for the fuzz host, so it may replace its key).
+        token = enroll_token(world.setup, world.tenant.token, FUZZ_HOST)
+        return enroll_body(token, FUZZ_HOST, NodeIdentity.generate())
     return {
         ("POST", "/v1/orgs/{org}/apps/{app}/envs/{env}/releases"): release_body(
             world.tenant.org, world.tenant.app, "sha256:" + "3" * 64
@@ -215,4 +220,5 @@ def valid_body(method: str, path: str, world: World) -> dict[str, Any] | None:
         },
         ("POST", "/v1/orgs/{org}/apps/{app}/envs/{env}/routes"): FUZZ_ROUTE,
         ("POST", "/v1/orgs/{org}/ips"): {"family": "ipv4"},
+        ("POST", "/v1/hosts/enrollment-tokens"): {"expires_in_s": 600},
     }.get((method, path))

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ember import __version__
 from ember.api import errors
+from ember.api.enrollment import Enrollment
 from ember.api.hosts import Hosts
 from ember.api.middleware import EdgeMiddleware, Metrics
 from ember.api.releases import Releases
@@ -58,6 +59,7 @@ def create_app(settings: ApiSettings | None) -> FastAPI:
         app.state.releases = Releases(app.state.tenancy)
         app.state.workloads = Workloads(app.state.tenancy, app.state.releases)
         app.state.hosts = Hosts(app.state.tenancy)
+        app.state.enrollment = Enrollment(app.state.hosts)
         app.state.routing = Routing(
             app.state.tenancy,
             app.state.releases,

@@ -1,13 +1,23 @@
-"""Request-scoped dependencies: the service, the caller, pagination."""
+"""Request-scoped dependencies: the service, the caller, pagination.
+
+Two kinds of caller: a user through an API token (``Authorization: Bearer``), and a
+host's agent through its node identity (``Authorization: EmberNode``, a signed request;
+ember.api.node_auth). ``Who`` admits users only, so every route refuses nodes (403) unless
+it asks for ``Caller``: the agent routes, which then check that a node acts for its own
+host (ember.core.tenancy.check_agent).
+"""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
+from starlette.concurrency import run_in_threadpool
 
+from ember.api import node_auth
 from ember.api.service import Tenancy
-from ember.core.tenancy import Principal
+from ember.core.node_auth import is_node_scheme
+from ember.core.tenancy import Forbidden, Principal
 
 
 def service(request: Request) -> Tenancy:
@@ -15,10 +25,37 @@ def service(request: Request) -> Tenancy:
     return svc
 
 
-def principal(request: Request, svc: Annotated[Tenancy, Depends(service)]) -> Principal:
+async def caller(request: Request, svc: Annotated[Tenancy, Depends(service)]) -> Principal:
+    """A user (Bearer token) or a node (EmberNode signature over the request)."""
     header = request.headers.get("authorization", "")
+    if is_node_scheme(header):
+        body = await request.body()  # cached: the route's body parameter reads the same
+        return await run_in_threadpool(
+            node_auth.authenticate,
+            svc,
+            header,
+            method=request.method,
+            # The decoded path as the server routes it (not request.url.path: a decoded
+            # '?' or '#' would be re-parsed there).
+            path=request.scope["path"],
+            query=request.scope.get("query_string", b"").decode("latin-1"),
+            body=body,
+        )
     scheme, _, token = header.partition(" ")
-    return svc.authenticate(token.strip() if scheme.lower() == "bearer" else None)
+    return await run_in_threadpool(
+        svc.authenticate, token.strip() if scheme.lower() == "bearer" else None
+    )
+
+
+async def principal(who: Annotated[Principal, Depends(caller)]) -> Principal:
+    """A user; a node identity is refused (it reaches only its host's agent routes)."""
+    if who.node_host is not None:
+        raise Forbidden(
+            "a node identity may only call its own host's agent routes",
+            hint="use a user's API token for this",
+            detail={"host_id": who.node_host},
+        )
+    return who
 
 
 class PageParams:
@@ -35,4 +72,6 @@ class PageParams:
 
 Svc = Annotated[Tenancy, Depends(service)]
 Who = Annotated[Principal, Depends(principal)]
+Caller = Annotated[Principal, Depends(caller)]
+"""A user or a node: only for agent routes, which authorise with check_agent."""
 Paging = Annotated[PageParams, Depends(PageParams)]

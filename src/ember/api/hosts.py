@@ -3,8 +3,9 @@ list and show hosts; the allocations an agent converges to and its instance repo
 
 Hosts are platform objects, not an org's, so every method needs a platform operator
 (ember.core.tenancy.check_operator): a caller who is not one gets 403 ``auth.forbidden``
-(nothing to hide, unlike another tenant's app). Agents authenticate with an operator token
-for now; enrolment with a node identity comes later (docs/specs/api.md, "Hosts").
+(nothing to hide, unlike another tenant's app). The agent's methods (register, heartbeat,
+allocations, reports) also admit the node identity of that very host
+(ember.core.tenancy.check_agent; enrolment: ember.api.enrollment).
 
 Writes go through the tenancy service's load-decide-append loop on the host's stream
 ``host-<id>`` or the instance's ``instance-<id>`` and then wait for the ``scheduling``
@@ -40,7 +41,7 @@ from ember.core.instances import (
     decide_report,
     instance_stream,
 )
-from ember.core.tenancy import Principal, check_operator
+from ember.core.tenancy import Principal, check_agent, check_operator
 
 PROJECTION = "scheduling"
 MAX_REPORT_BYTES = 64 * 1024
@@ -84,24 +85,13 @@ class Hosts:
     ) -> tuple[Row, bool]:
         """Register a host or update what it offers; (host, True) when it is new. The same
         facts again write nothing. Also counts as a heartbeat."""
-        check_operator(who, "register hosts")
-        check_registration(
-            host_id, vcpus=vcpus, memory_mb=memory_mb, disk_mb=disk_mb, labels=labels, region=region
-        )
-        if len(address) > 255 or not address.isprintable() or any(c.isspace() for c in address):
-            raise InvalidHost(
-                f"invalid address {address!r}: at most 255 printable characters, no spaces",
-                detail={"field": "address"},
-            )
-        if not region.isprintable() or not all(v.isprintable() for v in labels.values()):
-            field = "region" if not region.isprintable() else "labels"
-            raise InvalidHost(f"{field} must be printable text", detail={"field": field})
-        new = HostRegistered(
-            host_id=host_id,
+        check_agent(who, host_id, "register hosts")
+        new = registration(
+            host_id,
             vcpus=vcpus,
             memory_mb=memory_mb,
             disk_mb=disk_mb,
-            labels=dict(labels),
+            labels=labels,
             region=region,
             address=address,
         )
@@ -112,13 +102,13 @@ class Hosts:
             who.user_id,
             PROJECTION,
         )
-        self._beat(host_id, None)
+        self.beat(host_id, None)
         return self.get(who, host_id), before.registered is None
 
     def heartbeat(self, who: Principal, host_id: str, report: Mapping[str, Any]) -> None:
         """The host is alive: move its ``last_seen`` to now. No event (liveness is not
         history); the controller turns silence into ``host.marked_down``."""
-        check_operator(who, "send heartbeats")
+        check_agent(who, host_id, "send heartbeats")
         try:
             text = json.dumps(report, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         except ValueError:
@@ -133,9 +123,9 @@ class Hosts:
                 f"the report exceeds {MAX_REPORT_BYTES} bytes as JSON", detail={"field": "report"}
             )
         self._host_row(host_id)
-        self._beat(host_id, report)
+        self.beat(host_id, report)
 
-    def _beat(self, host_id: str, report: Mapping[str, Any] | None) -> None:
+    def beat(self, host_id: str, report: Mapping[str, Any] | None) -> None:
         """Upsert the host's liveness row; ``report=None`` keeps the last report."""
         value = None if report is None else Jsonb(dict(report))
         with self.t.db.connection() as conn:
@@ -169,12 +159,12 @@ class Hosts:
         )
 
     def get(self, who: Principal, host_id: str) -> Row:
-        check_operator(who, "read hosts")
+        check_agent(who, host_id, "read hosts")
         return self._host_row(host_id)
 
     def instances(self, who: Principal, host_id: str) -> list[Row]:
         """The host's instances that have not ended, with their app's names."""
-        check_operator(who, "read hosts")
+        check_agent(who, host_id, "read hosts")
         return self.t.query(
             "SELECT i.*, a.name AS app_name, o.name AS org_name FROM view_instances i "
             "LEFT JOIN view_apps a USING (app_id) LEFT JOIN view_orgs o ON o.org_id = a.org_id "
@@ -197,7 +187,7 @@ class Hosts:
     def allocations(self, who: Principal, host_id: str) -> tuple[list[Row], str]:
         """Every instance assigned to the host that has not ended, and the cursor of the
         scheduling views they were read from (one snapshot: exactly the state there)."""
-        check_operator(who, "read allocations")
+        check_agent(who, host_id, "read allocations")
         self._host_row(host_id)
         with self.t.db.connection() as conn, conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -231,7 +221,7 @@ class Hosts:
         afterwards. Only the host the instance is assigned to may report on it (404
         otherwise, as for a missing instance); a report that changes nothing writes
         nothing."""
-        check_operator(who, "report instance state")
+        check_agent(who, host_id, "report instance state")
         if not _storable(reason):
             raise InvalidReport(
                 "reason holds a NUL character or an unpaired surrogate",
@@ -273,6 +263,39 @@ class Hosts:
             "SELECT state, host_id FROM view_instances WHERE instance_id = %s", [instance_id]
         )
         return rows[0] if rows else None
+
+
+def registration(
+    host_id: str,
+    *,
+    vcpus: int,
+    memory_mb: int,
+    disk_mb: int,
+    labels: Mapping[str, str],
+    region: str,
+    address: str,
+) -> HostRegistered:
+    """What a host reports about itself, checked (InvalidHost naming the field)."""
+    check_registration(
+        host_id, vcpus=vcpus, memory_mb=memory_mb, disk_mb=disk_mb, labels=labels, region=region
+    )
+    if len(address) > 255 or not address.isprintable() or any(c.isspace() for c in address):
+        raise InvalidHost(
+            f"invalid address {address!r}: at most 255 printable characters, no spaces",
+            detail={"field": "address"},
+        )
+    if not region.isprintable() or not all(v.isprintable() for v in labels.values()):
+        field = "region" if not region.isprintable() else "labels"
+        raise InvalidHost(f"{field} must be printable text", detail={"field": field})
+    return HostRegistered(
+        host_id=host_id,
+        vcpus=vcpus,
+        memory_mb=memory_mb,
+        disk_mb=disk_mb,
+        labels=dict(labels),
+        region=region,
+        address=address,
+    )
 
 
 def _not_found(host_id: str) -> HostNotFound:

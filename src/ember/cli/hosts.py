@@ -2,14 +2,18 @@
 
 Needs the token of a platform operator, unscoped, with the ``admin`` capability (the
 one `ember dev up` stores is); any other token exits 5 (``auth.forbidden``).
+``enroll-token`` makes the one-time token a host's agent enrols with (ADR-0015).
 """
 
 from __future__ import annotations
+
+import re
 
 import click
 
 from ember.cli.output import emit_fields, emit_model, emit_table, when
 from ember.cli.session import Session, json_option
+from ember.core.enrollment import DEFAULT_EXPIRES_S, MAX_EXPIRES_S, MIN_EXPIRES_S
 from ember.core.errors import ValidationFailed
 from ember.core.hosts import HOST_ID_RE
 from ember.wire import hosts as wh
@@ -21,14 +25,31 @@ _ACTIONS = {
 }
 
 
-def _checked(host_id: str) -> str:
+_EXPIRES_RE = re.compile(r"^(\d{1,7})([smhd]?)$")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _checked(host_id: str, field: str = "host") -> str:
     if not HOST_ID_RE.match(host_id):
         raise ValidationFailed(
             f"invalid host id {host_id!r}",
             hint="host ids are lowercase letters, digits and '-' ('ember hosts list')",
-            detail={"field": "host"},
+            detail={"field": field},
         )
     return host_id
+
+
+def _expires_s(text: str) -> int:
+    """Seconds from ``3600``, ``90s``, ``30m``, ``1h`` or ``7d``, within the server's range."""
+    m = _EXPIRES_RE.match(text.strip())
+    seconds = int(m[1]) * _UNIT_S[m[2]] if m else None
+    if seconds is None or not MIN_EXPIRES_S <= seconds <= MAX_EXPIRES_S:
+        raise ValidationFailed(
+            f"invalid --expires {text!r}",
+            hint="use a duration like 10m, 1h or 7d, from 60s up to 7d",
+            detail={"field": "--expires"},
+        )
+    return seconds
 
 
 def _memory(host: wh.Host) -> str:
@@ -95,6 +116,7 @@ def show_host(host: str, as_json: bool) -> None:
             "disk": f"{item.disk_mb} MiB",
             "instances": item.usage.instances,
             "last seen": when(item.last_seen),
+            "identity": item.public_key or "- (its agent has not enrolled)",
             "registered": when(item.registered_at),
         }
     )
@@ -152,3 +174,34 @@ def drain_host(host: str, as_json: bool) -> None:
     with Session.load().client() as api:
         item = api.drain_host(_checked(host))
     _done(item, "drain", as_json)
+
+
+@hosts.command("enroll-token")
+@click.option(
+    "--host-id",
+    default=None,
+    metavar="ID",
+    help="The only host the token may enrol (default: any host id that has no identity yet).",
+)
+@click.option(
+    "--expires",
+    default=f"{DEFAULT_EXPIRES_S // 3600}h",
+    show_default=True,
+    metavar="DURATION",
+    help="How long the token is valid: 10m, 1h, 7d (60s to 7d).",
+)
+@json_option
+def enroll_token(host_id: str | None, expires: str, as_json: bool) -> None:
+    """Create a one-time token a host's agent enrols with (shown once)."""
+    if host_id is not None:
+        _checked(host_id, "--host-id")
+    seconds = _expires_s(expires)
+    with Session.load().client() as api:
+        created = api.create_enrollment_token(host_id=host_id, expires_in_s=seconds)
+    if as_json:
+        emit_model(created)
+        return
+    target = f"host {created.host_id}" if created.host_id else "any host"
+    click.echo(f"Enrolment token for {target} (shown once; it works once):")
+    click.echo(f"  {created.token}")
+    click.echo(f"Expires {when(created.expires_at)}. Give it to the host's agent now.")

@@ -88,13 +88,16 @@ class Client:
         page_size: int = 100,
         user_agent: str = USER_AGENT,
         transport: httpx.BaseTransport | None = None,
+        auth: httpx.Auth | None = None,
     ) -> None:
+        """``token``: a user's API token (Bearer). ``auth``: instead of a token, how to
+        authenticate each request — a host agent's ``ember.client.node_auth.NodeAuth``."""
         self.base_url = str(check_base_url(base_url)).rstrip("/")
         self.timeout = timeout
         self.retries = retries
         self.page_size = page_size
         headers = {"User-Agent": user_agent, "Accept": "application/json"}
-        if token:
+        if token and auth is None:
             headers["Authorization"] = f"Bearer {token}"
         self._http = httpx.Client(
             base_url=self.base_url,
@@ -102,6 +105,7 @@ class Client:
             timeout=timeout,
             transport=transport,
             follow_redirects=False,
+            auth=auth,
         )
 
     def __enter__(self) -> Client:
@@ -302,6 +306,52 @@ class Client:
         )
         response = self._request("PUT", path("v1", "hosts", host_id), json=body)
         return Created(_parse(response, wh.HostDetail), created=response.status_code == 201)
+
+    def create_enrollment_token(
+        self, *, host_id: str | None = None, expires_in_s: int = 3600
+    ) -> wh.EnrollmentTokenCreated:
+        """A one-time token a host's agent enrols with (for ``host_id``, or any host);
+        the response holds the secret, once."""
+        body = _body(wh.EnrollmentTokenCreate, {"host_id": host_id, "expires_in_s": expires_in_s})
+        response = self._request("POST", "/v1/hosts/enrollment-tokens", json=body)
+        return _parse(response, wh.EnrollmentTokenCreated)
+
+    def enroll(
+        self,
+        token: str,
+        *,
+        host_id: str,
+        public_key: str,
+        vcpus: int,
+        memory_mb: int,
+        disk_mb: int = 0,
+        labels: Mapping[str, str] | None = None,
+        region: str = "",
+        address: str = "",
+    ) -> Created[wh.Enrolled]:
+        """Trade a one-time enrolment token for the host's node identity (``public_key``:
+        ``NodeIdentity.public_key_b64``). Sent without this client's credentials. A retry
+        after a lost answer is safe: ``created`` is False then."""
+        body = _body(
+            wh.AgentEnroll,
+            {
+                "token": token,
+                "host_id": host_id,
+                "public_key": public_key,
+                "vcpus": vcpus,
+                "memory_mb": memory_mb,
+                "disk_mb": disk_mb,
+                "labels": dict(labels or {}),
+                "region": region,
+                "address": address,
+            },
+        )
+        request = self.build_request("POST", "/v1/agents/enroll", json=body)
+        request.headers.pop("Authorization", None)
+        response = self._send(request, authenticated=False)
+        if response.status_code >= 400:
+            raise error_from_response(response.status_code, response.headers, response.content)
+        return Created(_parse(response, wh.Enrolled), created=response.status_code == 201)
 
     def heartbeat(self, host_id: str, report: Mapping[str, Any] | None = None) -> None:
         body = _body(wh.HostHeartbeat, {"report": dict(report or {})})
@@ -529,12 +579,15 @@ class Client:
             raise error_from_response(response.status_code, response.headers, response.content)
         return response
 
-    def _send(self, request: httpx.Request) -> httpx.Response:
+    def _send(self, request: httpx.Request, *, authenticated: bool = True) -> httpx.Response:
         """Send, retrying only what cannot have reached the server or is safe to repeat
         (every method we use is: GET and DELETE are idempotent, POST carries a key).
-        Timeouts are not retried: the caller chose how long to wait."""
+        Timeouts are not retried: the caller chose how long to wait. ``authenticated``
+        False skips the client's ``auth`` (a Bearer token is a header: drop it first)."""
         for attempt in range(self.retries + 1):
             try:
+                if not authenticated:
+                    return self._http.send(request, auth=None)
                 return self._http.send(request)
             except httpx.UnsupportedProtocol as exc:
                 raise InvalidRequest(

@@ -6,13 +6,14 @@ validates appends and upcasts reads against this one registry.
 
 from __future__ import annotations
 
-from ember.core import hosts, instances, ipv4, releases, routes, tenancy, workloads
+from ember.core import enrollment, hosts, instances, ipv4, releases, routes, tenancy, workloads
 from ember.core.events import EventData, EventRegistry
 
 REGISTRY = EventRegistry()
 REGISTRY.include(tenancy.REGISTRY)
 REGISTRY.include(releases.REGISTRY)
 REGISTRY.include(hosts.REGISTRY)
+REGISTRY.include(enrollment.REGISTRY)
 REGISTRY.include(instances.REGISTRY)
 REGISTRY.include(workloads.REGISTRY)
 REGISTRY.include(routes.REGISTRY)

@@ -1,10 +1,12 @@
 """Hosts: the machines that run instances, as streams ``host-<host_id>``.
 
 A host's stream holds what changes its capacity or what it may receive: registration,
-the operator's cordon / uncordon / drain, the controller's down / recovered verdicts, and
-``instance.assigned`` (the scheduler's plans). A plan is appended to the streams of the
-hosts it uses with the versions it read as expected versions, so a plan computed before
-a cordon or another plan is refused and recomputed (ADR-0014).
+the operator's cordon / uncordon / drain, the controller's down / recovered verdicts,
+``instance.assigned`` (the scheduler's plans), and ``host.identity_bound`` (the node
+identity's public key, from enrolment: ember.core.enrollment, ADR-0015). A plan is
+appended to the streams of the hosts it uses with the versions it read as expected
+versions, so a plan computed before a cordon or another plan is refused and recomputed
+(ADR-0014).
 
 Heartbeats are not events: they only move a host's ``last_seen`` (docs/specs/events.md,
 "Hosts"); the controller turns a silence longer than the heartbeat timeout into
@@ -64,6 +66,16 @@ class HostRegistered(EventData):
 
 
 @REGISTRY.register
+class HostIdentityBound(EventData):
+    """The host's agent enrolled: requests signed with this Ed25519 key (raw 32 bytes,
+    base64url without padding) act for the host. A later one replaces the key (rotation)."""
+
+    event_type = "host.identity_bound"
+    host_id: str
+    public_key: str
+
+
+@REGISTRY.register
 class HostCordoned(EventData):
     event_type = "host.cordoned"
     host_id: str
@@ -117,6 +129,7 @@ class HostRecord:
     registered: HostRegistered | None = None
     admin_state: HostState = HostState.READY
     down: bool = False
+    public_key: str | None = None
     version: int = 0
 
     @property
@@ -140,6 +153,8 @@ def fold_host(events: Iterable[RecordedEvent]) -> HostRecord:
             rec.down = True
         elif e.type == "host.recovered":
             rec.down = False
+        elif e.type == "host.identity_bound":
+            rec.public_key = str(e.data["public_key"])
     return rec
 
 
@@ -175,6 +190,16 @@ def check_registration(
 def decide_register(rec: HostRecord, new: HostRegistered) -> list[EventData]:
     """Idempotent: re-registering with the same facts writes nothing."""
     return [] if rec.registered == new else [new]
+
+
+def decide_bind(rec: HostRecord, new: HostRegistered, public_key: str) -> list[EventData]:
+    """Enrolment on the host's stream: the registration (when its facts are new) and the
+    identity (when the key is new). Enrolling again with the same facts and key writes
+    nothing here."""
+    events = decide_register(rec, new)
+    if rec.public_key != public_key:
+        events.append(HostIdentityBound(host_id=new.host_id, public_key=public_key))
+    return events
 
 
 def decide_admin(rec: HostRecord, host_id: str, action: str) -> list[EventData]:

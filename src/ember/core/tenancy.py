@@ -429,7 +429,8 @@ class Scope:
 
 @dataclasses.dataclass(frozen=True)
 class Principal:
-    """Who is calling: a user through one token, with that user's org roles."""
+    """Who is calling: a user through one token, with that user's org roles; or a host's
+    agent through its node identity (:meth:`node`)."""
 
     user_id: str
     email: str
@@ -439,12 +440,34 @@ class Principal:
     roles: dict[str, Role]  # org_id -> role
     operator: bool = False
     """The user is a platform operator (whatever this token may do)."""
+    node_host: str | None = None
+    """Set for a node identity (a request signed by a host's enrolled key): the host it
+    acts for. A node has no orgs, roles or capabilities and is no operator; it reaches
+    its own host's agent routes only (:func:`check_agent`)."""
+
+    @classmethod
+    def node(cls, host_id: str) -> Principal:
+        return cls(
+            user_id=f"host:{host_id}",  # the actor recorded on the node's events
+            email="",
+            token_id=f"node:{host_id}",
+            scope=Scope(),
+            capabilities=frozenset(),
+            roles={},
+            operator=False,
+            node_host=host_id,
+        )
 
     @property
     def operates(self) -> bool:
         """May act on platform objects (hosts): an operator, through an unscoped token
         with the ``admin`` capability."""
-        return self.operator and self.scope == Scope() and Capability.ADMIN in self.capabilities
+        return (
+            self.node_host is None
+            and self.operator
+            and self.scope == Scope()
+            and Capability.ADMIN in self.capabilities
+        )
 
     def effective(self, org_id: str) -> frozenset[Capability]:
         role = self.roles.get(org_id)
@@ -469,7 +492,9 @@ def check_operator(who: Principal, what: str) -> None:
     Not "not found": hosts are no tenant's objects, so there is nothing to hide."""
     if who.operates:
         return
-    if not who.operator:
+    if who.node_host is not None:
+        hint = "a node identity reaches only its own host's agent routes"
+    elif not who.operator:
         hint = "this needs a platform operator: 'ember admin grant-operator EMAIL'"
     else:
         hint = "use an unscoped token with the 'admin' capability"
@@ -478,6 +503,19 @@ def check_operator(who: Principal, what: str) -> None:
         hint=hint,
         detail={"operator": who.operator},
     )
+
+
+def check_agent(who: Principal, host_id: str, what: str) -> None:
+    """Raise Forbidden unless ``who`` may act as the agent of ``host_id``: that host's
+    node identity, or a platform operator (:func:`check_operator`)."""
+    if who.node_host is None:
+        check_operator(who, what)
+    elif who.node_host != host_id:
+        raise Forbidden(
+            f"the node identity of host {who.node_host!r} may not {what} for host {host_id!r}",
+            hint="a node acts for its own host only",
+            detail={"host_id": host_id},
+        )
 
 
 def check_capabilities(values: Sequence[str]) -> frozenset[Capability]:

@@ -20,7 +20,7 @@ TOKEN_RE: Final = re.compile(r"^ember_(pat|agt|edg)_([0-9A-Za-z]{30})([0-9A-Za-z
 
 class TokenKind(enum.StrEnum):
     USER = "pat"  # personal access token of a user
-    AGENT = "agt"  # a host agent's node identity
+    AGENT = "agt"  # a host agent's one-time enrolment token (ember.core.enrollment)
     EDGE = "edg"  # an edge node's identity
 
 

@@ -1,6 +1,7 @@
 """Request and response bodies of the host and agent routes (docs/specs/api.md, "Hosts").
 
-Hosts are platform objects, not an org's: only platform operators reach these routes.
+Hosts are platform objects, not an org's: only platform operators reach these routes, and
+a host's own node identity its agent routes (enrolment: ``AgentEnroll``, ADR-0015).
 Numbers are checked by the server (ember.core.hosts.check_registration), which answers
 422 ``host.invalid`` with ``detail.field``; the ranges below document that rule.
 """
@@ -31,6 +32,46 @@ class HostRegister(Body):
     )
 
 
+class EnrollmentTokenCreate(Body):
+    host_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=63,
+        description="The only host the token may enrol; omitted: any host id (but a host "
+        "that has a node identity is re-enrolled only with a token made for it).",
+        examples=["web-1"],
+    )
+    expires_in_s: int = Field(
+        3600, ge=60, le=7 * 24 * 3600, description="Seconds until the token expires (60-604800)."
+    )
+
+
+class EnrollmentTokenCreated(BaseModel):
+    token: str = Field(
+        description="The one-time token (ember_agt_...). Shown once; only its hash is stored."
+    )
+    host_id: str | None
+    expires_at: dt.datetime
+
+
+class AgentEnroll(HostRegister):
+    """The host's facts (as in ``PUT /v1/hosts/{host_id}``), its id and its public key,
+    with the one-time token."""
+
+    token: str = Field(min_length=1, max_length=100, description="The enrolment token.")
+    host_id: str = Field(min_length=1, max_length=63, examples=["web-1"])
+    public_key: str = Field(
+        min_length=43,
+        max_length=43,
+        pattern=r"^[A-Za-z0-9_-]{43}$",
+        description="The node's Ed25519 public key: raw 32 bytes, base64url without padding.",
+    )
+
+
+class Enrolled(BaseModel):
+    host_id: str
+
+
 class HostHeartbeat(Body):
     report: dict[str, object] = Field(
         default_factory=dict,
@@ -56,6 +97,11 @@ class Host(BaseModel):
     region: str
     address: str
     last_seen: dt.datetime | None = Field(description="The last heartbeat; null if none yet.")
+    public_key: str | None = Field(
+        None,
+        description="The node identity's Ed25519 public key (base64url); null until the "
+        "host's agent enrols.",
+    )
     registered_at: dt.datetime
     state_since: dt.datetime
     usage: HostUsage

@@ -1,9 +1,13 @@
-"""Hosts (platform operators) and the agent-facing routes: allocations and reports.
+"""Hosts (platform operators) and the agent-facing routes: enrolment, allocations and
+reports.
 
 Every route needs a platform operator's unscoped admin token (403 ``auth.forbidden``
-otherwise). Heartbeats and reports ignore ``Idempotency-Key``: they are idempotent by
-nature (a repeat changes nothing), and storing a replay record per heartbeat would write
-on every beat of every host — exactly what keeping heartbeats out of the log avoids.
+otherwise), except: the agent routes (register, heartbeat, allocations, reports) also
+take the node identity of that very host (``Caller``, a signed request), and enrolment
+takes no Authorization at all (its one-time token is in the body). Heartbeats, reports
+and enrolment ignore ``Idempotency-Key``: they are idempotent by nature (a repeat changes
+nothing), and storing a replay record per heartbeat would write on every beat of every
+host — exactly what keeping heartbeats out of the log avoids.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from fastapi import APIRouter, Body, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from ember.api import convert, idempotency
-from ember.api.deps import Paging, Svc, Who
+from ember.api.deps import Caller, Paging, Svc, Who
+from ember.api.enrollment import Enrollment
 from ember.api.errors import ERROR_RESPONSES as ERRORS
 from ember.api.hosts import Hosts
 from ember.api.idempotency import IdempotencyContext
@@ -32,7 +37,13 @@ def hosts(request: Request) -> Hosts:
     return svc
 
 
+def enrollment(request: Request) -> Enrollment:
+    svc: Enrollment = request.app.state.enrollment
+    return svc
+
+
 Hst = Annotated[Hosts, Depends(hosts)]
+Enr = Annotated[Enrollment, Depends(enrollment)]
 
 
 def host(row: Row, instances: list[Row] | None = None) -> wh.Host:
@@ -47,6 +58,7 @@ def host(row: Row, instances: list[Row] | None = None) -> wh.Host:
         "region": row["region"],
         "address": row["address"],
         "last_seen": row["last_seen"],
+        "public_key": row["public_key"],
         "registered_at": row["registered_at"],
         "state_since": row["state_since"],
         "usage": wh.HostUsage(
@@ -99,9 +111,9 @@ def list_hosts(svc: Hst, who: Who, page: Paging) -> w.Page[wh.Host]:
     responses={200: {"model": wh.HostDetail}, **ERRORS},
     tags=["hosts"],
 )
-def register_host(host_id: str, body: wh.HostRegister, svc: Hst, who: Who) -> Response:
+def register_host(host_id: str, body: wh.HostRegister, svc: Hst, who: Caller) -> Response:
     """Register a host (201) or update what it offers (200); the same facts again change
-    nothing (200). Counts as a heartbeat."""
+    nothing (200). Counts as a heartbeat. An operator, or the host's own node."""
     row, created = svc.register(
         who,
         host_id,
@@ -115,6 +127,61 @@ def register_host(host_id: str, body: wh.HostRegister, svc: Hst, who: Who) -> Re
     return JSONResponse(convert.dump(_detail(svc, who, row)), status_code=201 if created else 200)
 
 
+@router.post(
+    "/v1/hosts/enrollment-tokens",
+    response_model=wh.EnrollmentTokenCreated,
+    status_code=201,
+    responses=ERRORS,
+    tags=["hosts"],
+)
+def create_enrollment_token(
+    body: wh.EnrollmentTokenCreate, svc: Svc, enr: Enr, who: Who, idem: idempotency.Idem
+) -> Response:
+    """A one-time token a host's agent enrols with (``POST /v1/agents/enroll``), for one
+    host or any. The secret is in the response only: hand it to the host now."""
+
+    def go() -> tuple[int, object]:
+        secret, created = enr.create_token(
+            who, host_id=body.host_id, expires_in_s=body.expires_in_s
+        )
+        out = wh.EnrollmentTokenCreated(
+            token=secret, host_id=created.host_id, expires_at=created.expires_at
+        )
+        return 201, convert.dump(out)
+
+    return idempotency.run(svc.db, idem, who, go, secret_field="token")  # noqa: S106 - a field name
+
+
+@router.post(
+    "/v1/agents/enroll",
+    response_model=wh.Enrolled,
+    status_code=201,
+    responses={200: {"model": wh.Enrolled}, **ERRORS},
+    tags=["agents"],
+)
+def enroll(body: wh.AgentEnroll, enr: Enr) -> Response:
+    """A host's agent trades a one-time enrolment token for its node identity: the host
+    is registered (or updated) and ``public_key`` bound to it (201). The same token, host
+    and key again answers 200 and changes nothing. No Authorization header: the token is
+    the credential (401 ``auth.unauthorized`` when it is unknown, expired, used, or made
+    for another host). Replacing the key of a host that has one needs a token made for
+    that host (403 otherwise)."""
+    created = enr.enroll(
+        token=body.token,
+        host_id=body.host_id,
+        public_key=body.public_key,
+        vcpus=body.vcpus,
+        memory_mb=body.memory_mb,
+        disk_mb=body.disk_mb,
+        labels=body.labels,
+        region=body.region,
+        address=body.address,
+    )
+    return JSONResponse(
+        convert.dump(wh.Enrolled(host_id=body.host_id)), status_code=201 if created else 200
+    )
+
+
 @router.get("/v1/hosts/{host_id}", response_model=wh.HostDetail, responses=ERRORS, tags=["hosts"])
 def get_host(host_id: str, svc: Hst, who: Who) -> wh.HostDetail:
     """One host with its instances that have not ended."""
@@ -125,10 +192,11 @@ def get_host(host_id: str, svc: Hst, who: Who) -> wh.HostDetail:
 def heartbeat(
     host_id: str,
     svc: Hst,
-    who: Who,
+    who: Caller,
     body: Annotated[wh.HostHeartbeat | None, Body()] = None,
 ) -> Response:
-    """The host is alive (moves ``last_seen``; no event is written)."""
+    """The host is alive (moves ``last_seen``; no event is written). An operator, or the
+    host's own node."""
     svc.heartbeat(who, host_id, body.report if body else {})
     return Response(status_code=204)
 
@@ -173,9 +241,10 @@ def drain_host(host_id: str, svc: Svc, hst: Hst, who: Who, idem: idempotency.Ide
     responses=ERRORS,
     tags=["agents"],
 )
-def allocations(host_id: str, svc: Hst, who: Who) -> wh.Allocations:
+def allocations(host_id: str, svc: Hst, who: Caller) -> wh.Allocations:
     """What the host's agent should run: every instance assigned to it that has not
-    ended, and the cursor of the views they were read from."""
+    ended, and the cursor of the views they were read from. An operator, or the host's
+    own node."""
     rows, cursor = svc.allocations(who, host_id)
     return wh.Allocations(
         host_id=host_id,
@@ -203,10 +272,11 @@ def allocations(host_id: str, svc: Hst, who: Who) -> wh.Allocations:
     tags=["agents"],
 )
 def report_instance(
-    instance_id: str, body: wh.InstanceReport, svc: Hst, who: Who
+    instance_id: str, body: wh.InstanceReport, svc: Hst, who: Caller
 ) -> wh.InstanceReportAccepted:
     """An agent reports what it observed about an instance on its host; a report that
-    changes nothing is accepted and writes nothing."""
+    changes nothing is accepted and writes nothing. An operator, or the node of the host
+    named in the body."""
     state = svc.report(
         who,
         instance_id,

@@ -1,4 +1,6 @@
-"""The ``scheduling`` projection: hosts, instances and workloads (migration 0004).
+"""The ``scheduling`` projection: hosts, instances and workloads (migration 0004), and
+each host's node identity (``view_hosts.public_key``, migration 0009). Enrolment streams
+(``enrollment-*``) are not folded: the API reads them directly.
 
 Instance state moves through :func:`ember.core.instances.next_state`, which is monotone,
 so reports racing with the controller's own events cannot resurrect an ended instance.
@@ -106,6 +108,12 @@ class SchedulingProjection:
             cur.execute(
                 "UPDATE view_hosts SET down = %s, state_since = %s WHERE host_id = %s",
                 (t == "host.marked_down", at, d["host_id"]),
+            )
+        elif t == "host.identity_bound":
+            # Enrolment writes host.registered first in the same append, so the row exists.
+            cur.execute(
+                "UPDATE view_hosts SET public_key = %s WHERE host_id = %s",
+                (d["public_key"], d["host_id"]),
             )
         cur.execute(
             "UPDATE view_hosts SET version = %s WHERE host_id = %s",

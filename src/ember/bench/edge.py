@@ -19,10 +19,27 @@ tracking, inspect, SNI map lookup, connect upstream, forward both ways, close).
   every figure is the median of its rounds. Both HAProxies run one thread, the backend
   and the load generator each run in their own process (2 cores are shared by all four).
 
-Not here yet: ``route_propagation_p50_ms`` / ``route_propagation_p99_ms`` (route event
-appended -> the edge routes the next connection to it) need the control plane and the
-edge controller; they belong in :func:`run` as another measurement next to
-:func:`measure_conn_rates`, using the same backend and load helpers.
+Route propagation, through the real path (:func:`measure_propagation`): a throwaway
+Postgres (default durability), the API in its own uvicorn process on 127.0.0.1 (edge
+shared address :data:`PROPAGATION_ADDRESS`, a small TCP port pool), the real
+:class:`ember.edge.controller.EdgeController` in a thread of this process long-polling
+``Client.edge_snapshot(after, wait)``, and its HAProxy. Set up once: an operator token,
+org/app/env through the API, one instance of process ``web`` placed and reported healthy
+with the benchmark backend's address (events appended as the scheduler and an agent
+append them), and a warm-up TLS route that makes the shared :443 listener exist.
+
+* ``route_propagation_p50_ms`` / ``_p99_ms``: ``POST .../routes`` for a TLS route with a
+  fresh hostname on the shared port 443 is sent (t0; the API appends the route event);
+  then a tight loop (2 ms sleeps) connects to :443 and sends a ClientHello with that SNI
+  until the backend answers through the edge (t1). The figure is t1 - t0. A new hostname
+  on an existing listener is applied through the runtime API (a spare backend + a map
+  entry) until the configuration's spare backends run out; that apply is a reload.
+* ``tcp_route_propagation_p50_ms`` / ``_p99_ms``: the same for ``--tcp --port auto``
+  routes: a new listener, so every one is a seamless reload.
+
+Where the time goes is reported per phase (``propagation_phases``, ms after t0): the API's
+answer (append + fold of the route view), the long-poll's answer carrying the route, the
+end of HAProxy's apply, and the first routed connection.
 """
 
 from __future__ import annotations
@@ -38,22 +55,28 @@ import socket
 import ssl
 import struct
 import subprocess
+import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from ember.bench.common import median, write_result
+from ember.bench.common import bench_cluster, median, percentile, write_result
 from ember.core.edge import Backend, EdgeSettings, EdgeSnapshot, Route, RouteKind
-from ember.edge.haproxy import HAProxy, HAProxyOptions
+from ember.edge.haproxy import ApplyResult, HAProxy, HAProxyOptions
 
 GOAL_RATIO = 0.9
 HOSTNAME = "bench.test"
 EDGE_ADDRESS = "127.0.0.20"
 DIRECT_ADDRESS = "127.0.0.21"
 BACKEND_ADDRESS = "127.0.0.22"
+PROPAGATION_ADDRESS = "127.0.0.20"
+"""The API's edge shared address in the propagation run (its routes bind :443 there; the
+connection-rate edge on the same address is stopped by then)."""
+GOAL_PROPAGATION_P99_MS = 200.0
 CONCURRENCY = 32
 # A ServerHello-sized TLS handshake record: what a TLS server's first bytes look like.
 FIRST_BYTES = b"\x16\x03\x03\x00\x5a\x02\x00\x00\x56\x03\x03" + b"\x00" * 86
@@ -352,25 +375,419 @@ def measure_conn_rates(
     }
 
 
+# -- route propagation through the control plane -------------------------------------------
+
+
+def serve_api(port: int) -> None:
+    """The API process: one uvicorn worker, as `ember server api` runs it (routing settings
+    from the EMBER_EDGE_* variables the benchmark sets)."""
+    import uvicorn
+
+    from ember.api.app import ApiSettings, create_app
+    from ember.core.routes import load_routing_config
+
+    settings = ApiSettings(
+        os.environ["EMBER_DATABASE_URL"], routing=load_routing_config(os.environ)
+    )
+    uvicorn.run(
+        create_app(settings),
+        host="127.0.0.1",
+        port=port,
+        workers=1,
+        access_log=False,
+        log_level="warning",
+    )
+
+
+def free_port_range(address: str, size: int) -> tuple[int, int]:
+    """``size`` consecutive ports free on ``address`` (the API's TCP port pool)."""
+    for base in range(41000, 60000, size):
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(base, base + size):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind((address, port))
+            return base, base + size - 1
+        except OSError:
+            continue
+    raise RuntimeError(f"no {size} consecutive free ports on {address}")
+
+
+@contextlib.contextmanager
+def api_process(conninfo: str, tcp_ports: tuple[int, int]) -> Iterator[str]:
+    import httpx
+
+    port = free_port("127.0.0.1")
+    env = {
+        **os.environ,
+        "EMBER_DATABASE_URL": conninfo,
+        "EMBER_EDGE_SHARED_ADDRESS": PROPAGATION_ADDRESS,
+        "EMBER_EDGE_TCP_PORTS": f"{tcp_ports[0]}-{tcp_ports[1]}",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ember.bench.edge", "--serve-api", str(port)],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the API server exited with {proc.returncode}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError("the API server did not become ready in 30 s")
+            time.sleep(0.05)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def operator_token(conninfo: str) -> str:
+    """The first token comes from the service itself: a platform operator's (the edge's
+    snapshot is an operator read), with every capability."""
+    from ember.api.service import Tenancy
+    from ember.core.catalog import REGISTRY
+    from ember.core.tenancy import Capability, Scope
+    from ember.store.db import Database
+    from ember.store.eventlog import EventLog
+    from ember.store.projections import ProjectionRunner
+    from ember.store.views import all_projections
+
+    with Database(conninfo, max_size=2) as db:
+        svc = Tenancy(db, EventLog(db, REGISTRY), ProjectionRunner(db, REGISTRY, all_projections()))
+        user = svc.ensure_user("edge-bench@example.com", "edge-bench")
+        svc.set_operator("edge-bench@example.com", True)
+        secret, _ = svc.issue_token(
+            user["user_id"], "edge-bench", scope=Scope(), capabilities=frozenset(Capability)
+        )
+    return secret
+
+
+def place_healthy_instance(
+    conninfo: str, names: tuple[str, str, str], process: str, backend: Target
+) -> None:
+    """What the scheduler and an agent append for one instance of ``process`` that is
+    healthy at the backend's address (no controller runs: nothing reconciles it away)."""
+    from ember.core.catalog import REGISTRY
+    from ember.core.events import ANY, Metadata, NewEvent
+    from ember.core.hosts import InstanceAssigned, host_stream
+    from ember.core.instances import (
+        InstanceCreated,
+        InstanceHealthy,
+        InstanceSpec,
+        InstanceStarting,
+        instance_stream,
+    )
+    from ember.core.workloads import workload_stream
+    from ember.store.db import Database
+    from ember.store.eventlog import EventLog
+
+    org, app, env = names
+    with Database(conninfo, max_size=2) as db:
+        with db.connection() as conn:
+            row = conn.execute(
+                "SELECT a.app_id FROM view_apps a JOIN view_orgs o USING (org_id) "
+                "WHERE o.name = %s AND a.name = %s",
+                (org, app),
+            ).fetchone()
+        assert row is not None, "the app is not in the views"
+        app_id, host, iid = str(row[0]), "h-bench", f"i_bench_{process}"
+        spec = InstanceSpec(
+            release_version=1,
+            repository=f"{org}/{app}",
+            image_digest="sha256:" + "b" * 64,
+            memory_mb=256,
+            cpus=0.5,
+        )
+        log = EventLog(db, REGISTRY)
+        meta = Metadata(actor="bench:edge")
+
+        def append(stream: str, *events: Any) -> None:
+            log.append(stream, ANY, [NewEvent.of(e, meta) for e in events])
+
+        append(
+            workload_stream(app_id, env),
+            InstanceCreated(
+                instance_id=iid,
+                app_id=app_id,
+                env=env,
+                process=process,
+                spec=spec,
+                spec_hash=spec.spec_hash,
+            ),
+        )
+        append(
+            host_stream(host),
+            InstanceAssigned(
+                host_id=host,
+                instance_id=iid,
+                app_id=app_id,
+                env=env,
+                process=process,
+                memory_mb=256,
+                cpus=0.5,
+            ),
+        )
+        append(
+            instance_stream(iid),
+            InstanceStarting(instance_id=iid, host_id=host, address=backend.address),
+            InstanceHealthy(instance_id=iid, host_id=host, address=backend.address),
+        )
+
+
+def routed(address: str, port: int, hello: bytes, timeout: float = 1.0) -> bool:
+    """One connection through the edge: does the backend answer this ClientHello?"""
+    try:
+        with socket.create_connection((address, port), timeout=timeout) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(hello)
+            return sock.recv(len(FIRST_BYTES)).startswith(FIRST_BYTES[:5])
+    except OSError:
+        return False
+
+
+@dataclasses.dataclass
+class EdgeTimeline:
+    """When the edge controller received and applied snapshots (perf_counter seconds)."""
+
+    received: list[tuple[float, frozenset[str]]] = dataclasses.field(default_factory=list)
+    applied: list[tuple[float, frozenset[str], bool, float]] = dataclasses.field(
+        default_factory=list
+    )
+
+    def first_received(self, route_id: str) -> float | None:
+        return next((t for t, ids in list(self.received) if route_id in ids), None)
+
+    def first_applied(self, route_id: str) -> tuple[float, bool, float] | None:
+        return next(
+            ((t, reloaded, s) for t, ids, reloaded, s in list(self.applied) if route_id in ids),
+            None,
+        )
+
+
+@dataclasses.dataclass
+class Probe:
+    """One route's propagation as the benchmark saw it (perf_counter seconds)."""
+
+    kind: str
+    route_id: str
+    sent: float
+    answered: float
+    routed: float | None
+    """None: the edge did not route to it within the timeout."""
+    probes: int
+
+    def phases(self, timeline: EdgeTimeline) -> dict[str, Any]:
+        """Milliseconds after the request was sent, per step of the path."""
+
+        def ms(t: float | None) -> float | None:
+            return round((t - self.sent) * 1000, 2) if t is not None else None
+
+        applied = timeline.first_applied(self.route_id)
+        return {
+            "kind": self.kind,
+            "total_ms": ms(self.routed),
+            "api_answered_ms": ms(self.answered),
+            "edge_received_ms": ms(timeline.first_received(self.route_id)),
+            "haproxy_applied_ms": ms(applied[0]) if applied else None,
+            "reloaded": applied[1] if applied else None,
+            "haproxy_apply_ms": round(applied[2] * 1000, 2) if applied else None,
+            "probes": self.probes,
+        }
+
+
+@dataclasses.dataclass
+class PropagationRun:
+    """Creates routes through the API and poll-connects until the edge routes them."""
+
+    client: Any
+    org: str
+    app: str
+    env: str
+    backend: Target
+    timeline: EdgeTimeline = dataclasses.field(default_factory=EdgeTimeline)
+    timeout_s: float = 10.0
+
+    def create(self, *, hostname: str | None, process: str = "web") -> Any:
+        if hostname is not None:
+            return self.client.create_route(
+                self.org, self.app, self.env, hostname=hostname, port=443,
+                process=process, backend_port=self.backend.port,
+            ).item  # fmt: skip
+        return self.client.create_route(
+            self.org, self.app, self.env, kind="tcp", port="auto",
+            process=process, backend_port=self.backend.port,
+        ).item  # fmt: skip
+
+    def one(self, *, hostname: str | None, process: str = "web") -> Probe:
+        hello = client_hello(hostname or HOSTNAME)
+        sent = time.perf_counter()
+        route = self.create(hostname=hostname, process=process)
+        answered = time.perf_counter()
+        probes = 0
+        while True:
+            probes += 1
+            if routed(route.address, route.port, hello):
+                done: float | None = time.perf_counter()
+                break
+            if time.perf_counter() - sent > self.timeout_s:
+                done = None
+                break
+            time.sleep(0.002)
+        kind = "tls" if hostname else "tcp"
+        return Probe(kind, route.id, sent, answered, done, probes)
+
+
+def _phase_stats(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    def stats(key: str) -> dict[str, float]:
+        xs = [float(s[key]) for s in samples if s[key] is not None]
+        return {"p50": round(median(xs), 1), "p99": round(percentile(xs, 99), 1)} if xs else {}
+
+    return {
+        "n": len(samples),
+        **{
+            key: stats(key)
+            for key in (
+                "api_answered_ms",
+                "edge_received_ms",
+                "haproxy_applied_ms",
+                "haproxy_apply_ms",
+                "total_ms",
+            )
+        },
+        "reloads": sum(1 for s in samples if s["reloaded"]),
+    }
+
+
+@contextlib.contextmanager
+def edge_controller(
+    feed: Any, root: Path, timeline: EdgeTimeline, wake: Callable[[], object]
+) -> Iterator[None]:
+    """The real edge controller in a thread, long-polling ``feed`` (a Client); ``wake``
+    makes a change so that a long-poll in flight returns when the run ends."""
+    from ember.edge.controller import EdgeController
+
+    def source(after: str | None, wait_s: float) -> EdgeSnapshot:
+        snap: EdgeSnapshot = feed.edge_snapshot(after=after, wait=wait_s).to_core()
+        timeline.received.append((time.perf_counter(), frozenset(r.route_id for r in snap.routes)))
+        return snap
+
+    def on_apply(snap: EdgeSnapshot, result: ApplyResult) -> None:
+        ids = frozenset(r.route_id for r in snap.routes)
+        timeline.applied.append((time.perf_counter(), ids, result.reloaded, result.seconds))
+
+    haproxy = HAProxy(root / "prop", HAProxyOptions(nbthread=1))
+    controller = EdgeController(source, haproxy, wait_s=25.0, on_apply=on_apply)
+    stop = threading.Event()
+    errors: list[Exception] = []
+
+    def loop() -> None:
+        try:
+            controller.run(stop.is_set)
+        except Exception as exc:  # noqa: BLE001 -- surfaced by the caller's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=loop, name="bench-edge-controller", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            wake()
+        thread.join(15)
+        haproxy.stop()
+    if errors:
+        raise RuntimeError(f"the edge controller failed: {errors[0]!r}")
+
+
+def measure_propagation(
+    backend: Target, root: Path, *, tls_routes: int, tcp_routes: int
+) -> dict[str, Any]:
+    """Route created through the API -> the managed edge routes a connection to it."""
+    from ember.client import Client
+
+    org, app, env = "bench-org", "bench-app", "production"
+    # One process per TCP route: an identical `--tcp --port auto` request is the same
+    # route (create-or-get), so each TCP route routes to its own process.
+    tcp_processes = [f"tcp{n}" for n in range(tcp_routes)]
+    with (
+        bench_cluster() as cluster,
+        api_process(cluster.conninfo(), free_port_range(PROPAGATION_ADDRESS, 16)) as base,
+    ):
+        token = operator_token(cluster.conninfo())
+        with Client(base, token, timeout=10) as client, Client(base, token, timeout=35) as feed:
+            client.create_org(org)
+            client.create_app(org, app)
+            client.create_env(org, app, env)
+            for process in ("web", *tcp_processes):
+                place_healthy_instance(cluster.conninfo(), (org, app, env), process, backend)
+            prop = PropagationRun(client, org, app, env, backend)
+            probes: list[Probe] = []
+            with edge_controller(
+                feed, root, prop.timeline, lambda: prop.create(hostname="bye.bench.test")
+            ):
+                # Warm-up: the first TLS route makes the shared :443 listener (a reload).
+                if prop.one(hostname="warm.bench.test").routed is None:
+                    raise RuntimeError("the edge never routed the warm-up route")
+                for n in range(tls_routes):
+                    time.sleep(0.05)  # the controller is back in its long-poll
+                    probes.append(prop.one(hostname=f"p{n:03d}.bench.test"))
+                for process in tcp_processes:
+                    time.sleep(0.05)
+                    probes.append(prop.one(hostname=None, process=process))
+
+    samples = [p.phases(prop.timeline) for p in probes]
+    ok = {
+        k: [s for s in samples if s["kind"] == k and s["total_ms"] is not None]
+        for k in ("tls", "tcp")
+    }
+
+    def pct(kind: str, p: float) -> float:
+        values = [float(s["total_ms"]) for s in ok[kind]]
+        return round(median(values) if p == 50 else percentile(values, p), 1)
+
+    return {
+        "route_propagation_p50_ms": pct("tls", 50),
+        "route_propagation_p99_ms": pct("tls", 99),
+        "route_propagation_max_ms": pct("tls", 100),
+        "tcp_route_propagation_p50_ms": pct("tcp", 50),
+        "tcp_route_propagation_p99_ms": pct("tcp", 99),
+        "route_propagation_failures": sum(1 for s in samples if s["total_ms"] is None),
+        "propagation_phases": {k: _phase_stats(v) for k, v in ok.items()},
+        "propagation_samples": samples,
+    }
+
+
 def run(quick: bool) -> dict[str, Any]:
     # Many short alternating rounds: the machine is shared, and a median over many
     # pairs resists a neighbour's burst better than a few long rounds.
     rounds, seconds = (7, 1.5) if quick else (21, 3.0)
+    tls_routes, tcp_routes = (15, 4) if quick else (60, 10)
     hello = client_hello(HOSTNAME)
     root = Path(tempfile.mkdtemp(prefix="ember-bench-edge-"))
     try:
-        with (
-            backend_process(BACKEND_ADDRESS) as backend,
-            managed_edge(backend, root) as edge,
-            direct_haproxy(backend, root) as direct,
-        ):
-            rates = measure_conn_rates(edge, direct, hello, rounds=rounds, seconds=seconds)
-            # route_propagation_p50_ms / _p99_ms go here once the control plane can drive
-            # the edge (see the module docstring).
+        with backend_process(BACKEND_ADDRESS) as backend:
+            with managed_edge(backend, root) as edge, direct_haproxy(backend, root) as direct:
+                rates = measure_conn_rates(edge, direct, hello, rounds=rounds, seconds=seconds)
+            propagation = measure_propagation(
+                backend, root, tls_routes=tls_routes, tcp_routes=tcp_routes
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
     result: dict[str, Any] = {
         **{k: v for k, v in rates.items() if k not in ("samples", "ratios_per_round")},
+        **{k: v for k, v in propagation.items() if k != "propagation_samples"},
         "goal_met": rates["conn_ratio"] >= GOAL_RATIO,
         "config": {
             "rounds": rounds,
@@ -386,11 +803,23 @@ def run(quick: bool) -> dict[str, Any]:
             "cpus": os.cpu_count(),
             "samples": rates["samples"],
             "ratios_per_round": rates["ratios_per_round"],
+            "propagation": {
+                "tls_routes": tls_routes,
+                "tcp_routes": tcp_routes,
+                "path": "POST /routes (uvicorn API process, durable Postgres) -> edge"
+                " controller long-poll (GET /v1/edge/snapshot?after&wait=25) -> HAProxy"
+                " apply -> poll-connect every 2 ms until the backend answers",
+                "spare_backends": HAProxyOptions().spare_backends,
+                "samples": propagation["propagation_samples"],
+            },
         },
     }
     result["goals"] = {
         "conn_ratio>=0.9": result["goal_met"],
         "no_connection_errors": rates["conn_errors"] == 0,
+        "route_propagation_p99<=200ms": propagation["route_propagation_p99_ms"]
+        <= GOAL_PROPAGATION_P99_MS,
+        "every_route_propagated": propagation["route_propagation_failures"] == 0,
     }
     return result
 
@@ -399,7 +828,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="reduced run, under 60 s")
     parser.add_argument("--out", type=Path, default=Path("bench/results/edge.json"))
+    parser.add_argument("--serve-api", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_api:
+        serve_api(args.serve_api)
+        return
     started = time.monotonic()
     result = run(args.quick)
     result["wall_seconds"] = round(time.monotonic() - started, 1)
@@ -412,11 +845,18 @@ def main() -> None:
         "direct_haproxy_cpu_us_per_conn",
         "cpu_ratio",
         "conn_errors",
+        "route_propagation_p50_ms",
+        "route_propagation_p99_ms",
+        "tcp_route_propagation_p50_ms",
+        "tcp_route_propagation_p99_ms",
+        "route_propagation_failures",
         "goals",
         "wall_seconds",
     ):
         print(f"{key:28} {result.get(key)}")
     print(f"{'ratios_per_round':28} {result['config']['ratios_per_round']}")
+    for kind, phases in result["propagation_phases"].items():
+        print(f"{'phases ' + kind:28} {phases}")
     print(f"wrote {args.out}")
 
 

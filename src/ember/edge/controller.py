@@ -72,6 +72,7 @@ class EdgeController:
             and wanted.settings == self.serving.settings
         ):
             self.serving = wanted
+            self._refill_when_idle()
             return
         with self.metrics.apply_seconds.time():
             result = self.haproxy.start(wanted) if first else self.haproxy.apply(wanted)
@@ -81,6 +82,14 @@ class EdgeController:
         self.serving = wanted
         if self.on_apply is not None:
             self.on_apply(wanted, result)
+
+    def _refill_when_idle(self) -> None:
+        """Nothing changed: a good moment to refill the spare backends new hostnames
+        use, once a quarter of them is left (a reload, off any route's critical path)."""
+        left = self.haproxy.spares_left()
+        if left is not None and left < max(1, self.haproxy.options.spare_backends // 4):
+            self.haproxy.refill_spares()
+            self.metrics.applies.labels("refill").inc()
 
     def start(self) -> None:
         """The first list and HAProxy start (raises when the control plane is down)."""

@@ -83,7 +83,7 @@ class HAProxyOptions:
     reload_timeout_s: float = 10.0
     check_timeout_s: float = 30.0
     keep_generations: int = 3
-    spare_backends: int = 16
+    spare_backends: int = 64
     """Empty backends in each configuration that new TLS routes on existing listeners
     take at run time, without a reload (see ember.edge.plan)."""
     preflight_binds: bool = True
@@ -313,6 +313,22 @@ class HAProxy:
         assert self._running is not None  # a runtime plan needs a running worker
         self._running = step.running(snapshot, self._running.map_dir, lingering)
         return ApplyResult(step, False, len(results), lingering, None, _since(started))
+
+    def spares_left(self) -> int | None:
+        """Spare backends the running worker still has for new TLS routes (None: not
+        started). When none is left, the next new hostname costs a reload."""
+        with self._lock:
+            return None if self._running is None else len(self._running.spares)
+
+    def refill_spares(self) -> bool:
+        """Reload with the snapshot being served, which renders every route in its own
+        backend and the spares empty again. Meant for idle moments, so a later new
+        hostname takes the fast runtime path; True when a reload happened."""
+        with self._lock:
+            if self._running is None:
+                return False
+            self._reload(self._running.snapshot)
+            return True
 
     def unbindable(self, snapshot: EdgeSnapshot) -> tuple[tuple[str, int, str], ...]:
         """(address, port, reason) of each listener of ``snapshot`` that the running

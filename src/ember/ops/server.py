@@ -220,3 +220,144 @@ def edge(
             pass
         finally:
             haproxy.stop(grace_s=2.0)
+
+
+def _default_guest_dir(home: Path) -> Path:
+    checkout = Path(__file__).resolve().parents[3] / "guest" / "build"
+    return checkout if (checkout / "vmlinux").exists() else home / "guest"
+
+
+def _machine_capacity(reserve_vcpus: int = 1, reserve_mb: int = 1024) -> tuple[int, int]:
+    import os
+
+    cpus = os.cpu_count() or 1
+    mem_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20)
+    return max(1, cpus - reserve_vcpus), max(256, mem_mb - reserve_mb)
+
+
+@server.command()
+@click.option(
+    "--api-url",
+    default="http://127.0.0.1:7070",
+    show_default=True,
+    envvar="EMBER_API_URL",
+    help="the control-plane API",
+)
+@click.option(
+    "--enroll-token",
+    envvar="EMBER_AGENT_ENROLL_TOKEN",
+    help="one-time enrolment token (first start only) [env: EMBER_AGENT_ENROLL_TOKEN]",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="EMBER_AGENT_DIR",
+    help="node key, state, images, VMs [default: $EMBER_HOME/agent]",
+)
+@click.option("--host-id", help="the host's id when enrolling [default: the hostname]")
+@click.option("--vcpus", type=click.IntRange(1), help="[default: the machine's CPUs less 1]")
+@click.option("--memory-mb", type=click.IntRange(128), help="[default: the machine's less 1 GiB]")
+@click.option(
+    "--guest-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="vmlinux and initrd.gz [default: guest/build of the checkout, else $EMBER_HOME/guest]",
+)
+@click.option("--image-budget-mb", type=click.IntRange(64), default=20_480, show_default=True)
+@click.option("--poll", type=click.FloatRange(0.1, 30), default=1.0, show_default=True)
+@click.option("--heartbeat", type=click.FloatRange(0.5, 300), default=5.0, show_default=True)
+@pass_ops
+def agent(
+    ops: OpsContext,
+    api_url: str,
+    enroll_token: str | None,
+    data_dir: Path | None,
+    host_id: str | None,
+    vcpus: int | None,
+    memory_mb: int | None,
+    guest_dir: Path | None,
+    image_budget_mb: int,
+    poll: float,
+    heartbeat: float,
+) -> None:
+    """The host agent: enrolls once, heartbeats, polls its allocations and runs them as
+    QEMU microVMs. Stops on SIGTERM; the VMs keep running and are adopted on restart."""
+    import logging
+    import socket
+
+    from ember.agent.daemon import (
+        Agent,
+        AgentConfig,
+        ClientControlPlane,
+        TapHostNetwork,
+        ensure_enrolled,
+    )
+    from ember.agent.net.addressing import AddressPlan, HostLocalAllocator
+    from ember.agent.net.firewall import Firewall
+    from ember.agent.net.store import LeaseStore
+    from ember.agent.net.taps import TapNetwork
+    from ember.agent.oci.store import ImageStore
+    from ember.agent.state import StateStore
+    from ember.agent.vmm.qemu import KERNEL_ARGS, QemuConfig, QemuDriver
+    from ember.client import Client
+    from ember.client.node_auth import NodeAuth
+    from ember.client.oci.registry import RegistryClient
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    root = data_dir or ops.settings.home / "agent"
+    root.mkdir(parents=True, exist_ok=True)
+    default_vcpus, default_mb = _machine_capacity()
+    vcpus = vcpus or default_vcpus
+    memory_mb = memory_mb or default_mb
+    guest_dir = guest_dir or _default_guest_dir(ops.settings.home)
+    store = StateStore(root)
+    try:
+        hid, identity = ensure_enrolled(
+            store,
+            api_url=api_url,
+            host_id=host_id or socket.gethostname().split(".")[0],
+            enroll_token=enroll_token,
+            vcpus=vcpus,
+            memory_mb=memory_mb,
+        )
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    with Client(api_url, None, auth=NodeAuth(identity, hid)) as client:
+        registry_url = client.platform().registry_url
+        if not registry_url:
+            raise click.ClickException("the control plane has no registry configured")
+        plan = AddressPlan.for_host(hid)
+        leases = LeaseStore(store.leases_path)
+        allocator = HostLocalAllocator(leases.load(plan), on_change=leases.save)
+        taps = TapNetwork()
+        taps.prepare_host(plan)
+        network = TapHostNetwork(allocator, taps, Firewall())
+        with RegistryClient(registry_url) as registry:
+            images = ImageStore(root / "images", registry, image_budget_mb << 20)
+            initrd = guest_dir / "initrd.gz"
+            config = AgentConfig(
+                host_id=hid,
+                kernel=guest_dir / "vmlinux",
+                initrd=initrd if initrd.exists() else None,
+                kernel_args=KERNEL_ARGS,
+                vcpus=vcpus,
+                memory_mb=memory_mb,
+                heartbeat_s=heartbeat,
+                poll_s=poll,
+            )
+            driver = QemuDriver(QemuConfig(state_dir=root / "qemu"))
+            daemon = Agent(
+                config,
+                control=ClientControlPlane(client),
+                store=store,
+                driver=driver,
+                images=images,
+                network=network,
+            )
+            click.echo(f"agent {hid}: converging allocations from {api_url}", err=True)
+            try:
+                daemon.run(stopping.is_set)
+            finally:
+                daemon.close()

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ember.agent.converge import Allocation
-from ember.agent.daemon import Agent, AgentConfig, HealthTarget, health_targets
+from ember.agent.daemon import Agent, AgentConfig, HealthTarget, _hostname, health_targets
 from ember.agent.guest_config import parse
 from ember.agent.net.addressing import AddressPlan, HostLocalAllocator, Lease, LeaseTable
 from ember.agent.oci.store import PreparedImage, RuntimeConfig, Timings
@@ -173,3 +173,11 @@ def test_health_targets_take_the_process_checks() -> None:
         {"process": "web", "internal_port": 82, "checks": [{"type": "exec", "command": ["x"]}]},
     ]
     assert health_targets(services, "web") == [HealthTarget(80, "http", "/up")]
+
+
+def test_the_guest_hostname_is_a_dns_label_even_for_real_instance_ids() -> None:
+    real = Allocation("i_01m8e850s1vh1qafas0mygfqjy", "assigned", "run", process="web")
+    assert _hostname(real) == "web-i-01m8e850s1vh1qafas0mygfqjy"
+    long = Allocation("i_" + "x" * 80, "assigned", "run", process="Web_Worker")
+    label = _hostname(long)
+    assert len(label) <= 63 and label.startswith("web-worker-i-") and not label.endswith("-")

@@ -28,6 +28,7 @@ import http.client
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -56,6 +57,7 @@ from ember.agent.net.taps import TapNetwork
 from ember.agent.oci.store import PreparedImage
 from ember.agent.state import AgentState, InstanceRecord, StateStore
 from ember.agent.vmm.base import Drive, NetDevice, VmmDriver, VmNotFound, VmSpec, VmState
+from ember.core.errors import Unavailable
 from ember.core.instances import InstanceSpec
 
 log = logging.getLogger("ember.agent")
@@ -186,6 +188,12 @@ def build_guest_config(
         kill_timeout_s=spec.kill_timeout_s,
         network=network,
     )
+
+
+def _hostname(alloc: Allocation) -> str:
+    """A DNS label for the guest: ``<process>-<instance id>`` (``_`` becomes ``-``)."""
+    label = re.sub(r"[^a-z0-9-]+", "-", f"{alloc.process or 'app'}-{alloc.instance_id}".lower())
+    return label[:63].strip("-") or "instance"
 
 
 def check_health(address: str, targets: Sequence[HealthTarget], timeout_s: float = 1.0) -> bool:
@@ -436,9 +444,7 @@ class Agent:
             lease = self.network.attach(iid, alloc.app_id)
             address = str(lease.ipv6)
             self._update(iid, tap=lease.tap, address=address)
-            guest = build_guest_config(
-                spec, image, lease.guest_network(), hostname=f"{alloc.process or 'app'}-{iid}"[:63]
-            )
+            guest = build_guest_config(spec, image, lease.guest_network(), _hostname(alloc))
             write_config_drive(guest, vm_dir / "config.img")
             vm = self._vm_spec(
                 record,
@@ -486,7 +492,8 @@ class Agent:
                     next_beat = now + self.config.heartbeat_s
                 self.step()
             except Exception as exc:  # the control plane is down, a transient error...
-                log.warning("agent step failed: %s", exc, exc_info=True)
+                # A control plane that is down is expected: no traceback for it.
+                log.warning("agent step failed: %s", exc, exc_info=not isinstance(exc, Unavailable))
             time.sleep(self.config.poll_s)
 
     def close(self) -> None:

@@ -99,6 +99,7 @@ def _instance(row: Row) -> ww.StatusInstance:
         created_at=row["created_at"],
         reason=row["reason"],
         exit_code=row["exit_code"],
+        address=row.get("address"),
     )
 
 

@@ -135,6 +135,9 @@ class StatusInstance(BaseModel):
     created_at: dt.datetime
     reason: str
     exit_code: int | None
+    address: str | None = Field(
+        default=None, description="The address the host reported (starting, healthy...)."
+    )
 
 
 class Status(BaseModel):

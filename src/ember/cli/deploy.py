@@ -11,7 +11,6 @@ promote a release, and (unless --detach) wait until its rollout converges
 
 from __future__ import annotations
 
-import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +32,7 @@ from ember.client.oci import (
 )
 from ember.core.errors import Unavailable, ValidationFailed
 from ember.core.manifest import parse_manifest
+from ember.core.manifest_model import parse_duration
 
 DEFAULT_ENV = "prod"
 
@@ -92,15 +92,14 @@ def _image_into_registry(image: str, registry_url: str, repository: str, quiet: 
                 return copy_image(source, ref.repository, digest, platform, repository).digest
 
 
-_DURATION_RE = re.compile(r"^(\d{1,7})([smh]?)$")
-
-
 def duration(_ctx: click.Context, _param: click.Parameter, value: str) -> float:
-    """Seconds from ``300``, ``90s``, ``5m`` or ``1h`` (a click option callback)."""
-    m = _DURATION_RE.match(value.strip())
-    if m is None:
-        raise click.BadParameter(f"{value!r} is not a duration like 300, 90s, 5m or 1h")
-    return float(int(m[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[m[2]])
+    """Seconds from ``300`` or a manifest-style duration (``90s``, ``5m``, ``1m30s``, ``1h``)
+    — a click option callback."""
+    text = value.strip()
+    try:
+        return float(int(text)) if text.isdigit() else parse_duration(text) / 1000
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a duration like 300, 90s, 5m or 1h") from None
 
 
 DEFAULT_TIMEOUT = "300s"

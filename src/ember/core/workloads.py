@@ -22,6 +22,7 @@ import pydantic
 from ember.core.errors import NotFound, ValidationFailed
 from ember.core.events import EventData, EventRegistry, RecordedEvent
 from ember.core.instances import InstanceSpec
+from ember.core.manifest_model import parse_duration
 
 REGISTRY = EventRegistry()
 MAX_COUNT = 100
@@ -255,23 +256,6 @@ class Desired:
         return self.spec.spec_hash
 
 
-def _duration_s(text: str) -> float:
-    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
-    total, number = 0.0, ""
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch.isdigit() or ch == ".":
-            number += ch
-            i += 1
-            continue
-        unit = "ms" if text.startswith("ms", i) else ch
-        total += float(number or 0) * units.get(unit, 1)
-        number = ""
-        i += len(unit)
-    return total + (float(number) if number else 0.0)
-
-
 def desired_processes(release: LiveRelease, state: WorkloadState) -> dict[str, Desired]:
     """Process -> how many instances of which spec (manifest, then ``ember scale``).
 
@@ -298,7 +282,7 @@ def desired_processes(release: LiveRelease, state: WorkloadState) -> dict[str, D
             cpus=cpus,
             services=[s for s in m.get("services", []) if s.get("process") == name],
             kill_signal=str(deploy.get("kill_signal", "SIGTERM")),
-            kill_timeout_s=_duration_s(str(deploy.get("kill_timeout", "5s"))),
+            kill_timeout_s=parse_duration(str(deploy.get("kill_timeout", "5s"))) / 1000,
             restart_policy=str(restart.get("policy", "on-failure")),
             max_retries=int(restart.get("max_retries", 10)),
             secrets_version=max(secrets, release.secrets_version),

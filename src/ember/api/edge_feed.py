@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import Sequence
 
 import psycopg
@@ -32,7 +31,7 @@ import psycopg
 from ember.core.errors import EmberError
 from ember.core.events import ZERO, Cursor
 from ember.store.db import Database, connect
-from ember.store.eventlog import CHANNEL
+from ember.store.eventlog import CHANNEL, held_back, wait_for_notify
 from ember.store.projections import ProjectionRunner
 
 log = logging.getLogger(__name__)
@@ -45,10 +44,6 @@ SELECT EXISTS (
       AND (type LIKE 'route.%%' OR type LIKE 'instance.%%'
            OR type IN ('app.deleted', 'env.deleted'))
 )
-"""
-_HELD_BACK_SQL = """
-SELECT EXISTS (SELECT 1 FROM events WHERE (xid, position) > (%s::text::xid8, %s)
-               AND xid >= pg_snapshot_xmin(pg_current_snapshot()))
 """
 
 _Waiter = tuple[asyncio.AbstractEventLoop, asyncio.Event]
@@ -145,12 +140,11 @@ class EdgeFeed:
                 self.runner.catch_up(name)
             cursor = min((self.runner.cursor(n) for n in self.projections), default=ZERO)
             self._publish(conn, cursor)
-            row = conn.execute(_HELD_BACK_SQL, (str(cursor.xid), cursor.position)).fetchone()
-            if row and row[0]:
+            if held_back(conn, cursor):
                 timeout, held_wait = held_wait, min(held_wait * 2, 0.25)
             else:
                 timeout, held_wait = self.idle_s, 0.002
-            self._wait_for_notify(conn, timeout)
+            wait_for_notify(conn, timeout, self._stop)
 
     def _publish(self, conn: psycopg.Connection, cursor: Cursor) -> None:
         previous = self._current
@@ -170,13 +164,3 @@ class EdgeFeed:
         for loop, event in waiters:
             with contextlib.suppress(RuntimeError):  # its loop has closed: nobody waits
                 loop.call_soon_threadsafe(event.set)
-
-    def _wait_for_notify(self, conn: psycopg.Connection, timeout: float) -> None:
-        """Block until a notification arrives or ``timeout`` passes, noticing a stop
-        within 0.2 s."""
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0 and not self._stop.is_set():
-            if any(True for _ in conn.notifies(timeout=min(left, 0.2), stop_after=1)):
-                for _ in conn.notifies(timeout=0.001):  # one re-read covers them all
-                    pass
-                return

@@ -100,8 +100,8 @@ class Enrollment:
             # as a host with an identity our token may not replace (403). A host change
             # after the first read fails the append below (expected version) and is
             # decided again.
-            host_events = self.t.log.read_stream(hosts_stream)
-            state = fold_enrollment(self.t.log.read_stream(stream))
+            host_events = self.t.log.read_stream_all(hosts_stream)
+            state = fold_enrollment(self.t.log.read_stream_all(stream))
             consumed = decide_enroll(
                 state,
                 token_hash=token_hash,
@@ -111,7 +111,7 @@ class Enrollment:
             )
             if not consumed:
                 # A retry: the first call may have appended without folding yet.
-                host_events = self.t.log.read_stream(hosts_stream)
+                host_events = self.t.log.read_stream_all(hosts_stream)
                 if host_events:
                     self.t.sync(host_events[-1].cursor, PROJECTION)
                 return False

@@ -30,7 +30,7 @@ from ember.core.events import ZERO, Cursor, EventData, Metadata, NewEvent, Recor
 from ember.core.ids import new_id
 from ember.core.tenancy import Capability, Principal, Scope
 from ember.core.workloads import ProcessNotFound
-from ember.store.eventlog import MAX_PAGE, StreamAppend
+from ember.store.eventlog import StreamAppend
 
 S = TypeVar("S")
 PROJECTION = "routes"
@@ -87,12 +87,7 @@ class Routing:
     def _read(
         self, loaded: _Loaded, stream: str, fold: Callable[[Iterable[RecordedEvent]], S]
     ) -> S:
-        events: list[RecordedEvent] = []
-        while True:
-            page = self.t.log.read_stream(stream, from_version=len(events) + 1)
-            events += page
-            if len(page) < MAX_PAGE:
-                break
+        events = self.t.log.read_stream_all(stream)
         loaded.versions[stream] = events[-1].stream_version if events else 0
         if events:
             loaded.seen = max(loaded.seen, events[-1].cursor)
@@ -416,6 +411,13 @@ class Routing:
                 reaped = True
                 continue
             return
+        # Only reachable when the last attempt went to reaping orphans: never claim a
+        # release that did not happen.
+        raise ConcurrencyConflict(
+            f"{normal} changed while it was being released",
+            hint="retry the release",
+            detail={"address": normal},
+        )
 
     def _ip_row(self, org: str, org_id: str, address: str) -> Row:
         rows = self.t.query(

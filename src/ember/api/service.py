@@ -76,7 +76,7 @@ class Tenancy:
         self, stream: str, fold: Callable[[Iterable[RecordedEvent]], S]
     ) -> tuple[S, int, Cursor | None]:
         """The stream folded, its version, and the cursor of its last event."""
-        events = self.log.read_stream(stream)
+        events = self.log.read_stream_all(stream)
         last = events[-1] if events else None
         return fold(events), (last.stream_version if last else 0), (last.cursor if last else None)
 

@@ -238,7 +238,7 @@ class Controller:
 
     def _rollback(self, app_id: str, env: str, target: int) -> list[StreamAppend]:
         stream = releases_stream(app_id, env)
-        events = self.log.read_stream(stream)
+        events = self.log.read_stream_all(stream)
         state = fold_releases(events)
         payloads = decide_rollback(state, target=target, author=f"controller:{self.holder}")
         if not payloads:

@@ -116,3 +116,17 @@ def redact(conninfo: str) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+STALL_MS = 10_000
+"""How long a transaction may sit idle (its process paused or hung) before the server
+cuts it off; fenced writes use the lease TTL instead."""
+
+
+def cap_stall(conn: psycopg.Connection, ms: int = STALL_MS) -> None:
+    """Inside the caller's transaction: let the server end it if the client stalls for
+    ``ms`` between statements, so locks it holds cannot block others indefinitely."""
+    conn.execute(
+        "SELECT set_config('idle_in_transaction_session_timeout', %s, true)",
+        (f"{max(1, ms)}ms",),
+    )

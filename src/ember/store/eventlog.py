@@ -36,7 +36,7 @@ from ember.core.events import (
     check_stream_id,
     request_hash,
 )
-from ember.store.db import Database, connect
+from ember.store.db import STALL_MS, Database, cap_stall, connect
 from ember.store.errors import Fenced
 
 CHANNEL: Final = "ember_events"
@@ -107,7 +107,7 @@ class Fence:
     name: str
     holder: str
     epoch: int
-    stall_ms: int = 10_000
+    stall_ms: int = STALL_MS
     """A writer stalled this long inside its fenced transaction (paused, hung) is cut off
     by the server, so its locks cannot block a takeover."""
 
@@ -121,10 +121,7 @@ def check_fence(conn: psycopg.Connection, fence: Fence) -> None:
     lease. The shared advisory lock makes a takeover (which takes it exclusively) wait for
     writes already past this check, and writes after the takeover see the new epoch —
     without giving this transaction an xid before its appends read the stream heads."""
-    conn.execute(
-        "SELECT set_config('idle_in_transaction_session_timeout', %s, true)",
-        (f"{max(1, fence.stall_ms)}ms",),
-    )
+    cap_stall(conn, fence.stall_ms)
     conn.execute(
         "SELECT pg_advisory_xact_lock_shared(hashtextextended(%s, 2))",
         (lease_lock_key(fence.name),),
@@ -250,6 +247,16 @@ class EventLog:
             ).fetchall()
         return [self._decode(r) for r in rows]
 
+    def read_stream_all(self, stream_id: str) -> list[RecordedEvent]:
+        """Every event of one stream, page by page: what a decision folds (one page
+        would cut a long stream short and append at the wrong version)."""
+        events: list[RecordedEvent] = []
+        while True:
+            page = self.read_stream(stream_id, from_version=len(events) + 1)
+            events += page
+            if len(page) < MAX_PAGE:
+                return events
+
     def read_all(self, after: Cursor = ZERO, *, limit: int = 1000) -> list[RecordedEvent]:
         """Up to ``limit`` events after ``after`` in commit-safe order."""
         with self.db.connection() as conn:
@@ -292,13 +299,13 @@ class EventLog:
                     cursor = event.cursor
                 if len(page) == page_size:
                     continue
-                if _held_back(conn, cursor):
+                if held_back(conn, cursor):
                     timeout = held_wait
                     held_wait = min(held_wait * 2, 0.25)
                 else:
                     timeout = idle_poll_s
                     held_wait = 0.002
-                _wait_for_notify(conn, timeout, stop)
+                wait_for_notify(conn, timeout, stop)
         finally:
             conn.close()
 
@@ -330,7 +337,7 @@ def decode_row(registry: EventRegistry, row: tuple[Any, ...]) -> RecordedEvent:
     )
 
 
-def _wait_for_notify(conn: psycopg.Connection, timeout: float, stop: Any) -> None:
+def wait_for_notify(conn: psycopg.Connection, timeout: float, stop: Any) -> None:
     """Block until a NOTIFY arrives or ``timeout`` passes, noticing ``stop`` within 0.2 s."""
     deadline = time.monotonic() + timeout
     while (left := deadline - time.monotonic()) > 0:
@@ -343,7 +350,7 @@ def _wait_for_notify(conn: psycopg.Connection, timeout: float, stop: Any) -> Non
             return
 
 
-def _held_back(conn: psycopg.Connection, after: Cursor) -> bool:
+def held_back(conn: psycopg.Connection, after: Cursor) -> bool:
     """Are there committed events past ``after`` that the horizon still hides?"""
     row = conn.execute(
         "SELECT EXISTS (SELECT 1 FROM events WHERE (xid, position) > (%s::text::xid8, %s) "

@@ -19,10 +19,8 @@ from psycopg import sql
 
 from ember.core.errors import NotFound
 from ember.core.events import ZERO, Cursor, EventRegistry, RecordedEvent
-from ember.store.db import Database
+from ember.store.db import Database, cap_stall
 from ember.store.eventlog import read_all_on
-
-STALLED_RUNNER_MS = 10_000
 
 
 class Projection(Protocol):
@@ -219,10 +217,7 @@ def _lock_checkpoint(conn: psycopg.Connection, name: str) -> Cursor:
     # this transaction an xid, which would hold back every reader's horizon. A runner that
     # stalls while holding it (a paused process) is cut off by the server instead of
     # blocking every other runner: its work is only ever a rolled-back batch.
-    conn.execute(
-        "SELECT set_config('idle_in_transaction_session_timeout', %s, true)",
-        (f"{STALLED_RUNNER_MS}ms",),
-    )
+    cap_stall(conn)
     conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(name),))
     row = conn.execute(
         "SELECT xid::text::bigint, position FROM projection_checkpoints WHERE name = %s", (name,)

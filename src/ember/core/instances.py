@@ -29,13 +29,13 @@ from __future__ import annotations
 import enum
 import hashlib
 import ipaddress
-import json
 from typing import Any
 
 import pydantic
 
 from ember.core.errors import NotFound, ValidationFailed
 from ember.core.events import EventData, EventRegistry
+from ember.core.manifest import canonical_json
 
 REGISTRY = EventRegistry()
 
@@ -108,10 +108,11 @@ class InstanceSpec(pydantic.BaseModel):
     @property
     def spec_hash(self) -> str:
         """What makes two instances interchangeable: everything but the release number,
-        so a rollback to identical contents replaces nothing."""
+        so a rollback to identical contents replaces nothing. (Not cached here:
+        ``model_copy(update=...)`` would carry a stale value; ``workloads.Desired``
+        caches it for the reconciler.)"""
         body = self.model_dump(mode="json", exclude={"release_version"})
-        text = json.dumps(body, sort_keys=True, separators=(",", ":"))
-        return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:32]
+        return "sha256:" + hashlib.sha256(canonical_json(body).encode()).hexdigest()[:32]
 
 
 @REGISTRY.register

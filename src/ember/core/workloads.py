@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
@@ -251,8 +252,9 @@ class Desired:
     count: int
     spec: InstanceSpec
 
-    @property
+    @functools.cached_property
     def spec_hash(self) -> str:
+        """Cached: the reconciler compares it with every instance on every pass."""
         return self.spec.spec_hash
 
 

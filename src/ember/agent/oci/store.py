@@ -70,6 +70,7 @@ from ember.client.oci.media import (
     check_digest,
     children,
     parse_manifest,
+    platform_matches,
     sha256_digest,
     verify_bytes,
 )
@@ -443,10 +444,9 @@ class ImageStore:
 
     def _select(self, index: dict[str, Any], where: str, digest: str) -> Descriptor:
         entries = children(index, where)[1]
-        os_, _, arch = self.platform.partition("/")
+        # An entry without a platform is no answer to "which one is linux/amd64?".
         for entry in entries:
-            platform = entry.platform or {}
-            if platform.get("os") == os_ and platform.get("architecture") == arch:
+            if entry.platform and platform_matches(entry, self.platform):
                 return entry
         found = sorted(
             "/".join(str(p.get(k)) for k in ("os", "architecture") if p.get(k))

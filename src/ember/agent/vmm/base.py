@@ -9,6 +9,7 @@ Errors::
     EmberError
     └── VmmError            vmm.error           the VMM failed (start, API, exit)
         ├── VmmUnavailable  vmm.unavailable     the VMM binary or device is missing
+        ├── VmSpecInvalid   vmm.invalid_spec    the driver cannot express the spec
         └── VmNotFound      vmm.not_found       no VM with that id (adopt/stop)
 """
 
@@ -30,6 +31,11 @@ class VmmError(EmberError):
 class VmmUnavailable(VmmError):
     code = "vmm.unavailable"
     kind = Kind.UNAVAILABLE
+
+
+class VmSpecInvalid(VmmError):
+    code = "vmm.invalid_spec"
+    kind = Kind.INVALID
 
 
 class VmNotFound(VmmError):

@@ -64,10 +64,10 @@ from ember.agent.vmm.base import (
     VmmUnavailable,
     VmNotFound,
     VmSpec,
+    VmSpecInvalid,
     VmState,
 )
 from ember.agent.vmm.jailer import JailerConfig, JailLayout, JailPaths
-from ember.core.errors import Kind
 
 log = logging.getLogger("ember.agent.vmm.firecracker")
 
@@ -77,11 +77,6 @@ MAC_RE = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
 IFNAMSIZ = 16
 # sun_path is 108 bytes; longer socket paths are reached through /proc/self/fd/<dirfd>.
 SUN_PATH_MAX = 107
-
-
-class VmSpecInvalid(VmmError):
-    code = "vmm.invalid_spec"
-    kind = Kind.INVALID
 
 
 # --- sans-IO: the API calls ---------------------------------------------------------------

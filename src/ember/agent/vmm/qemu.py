@@ -64,7 +64,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ember.agent.guest_config import parse_console_status
-from ember.agent.vmm.base import VmHandle, VmmError, VmmUnavailable, VmNotFound, VmSpec, VmState
+from ember.agent.vmm.base import (
+    VmHandle,
+    VmmError,
+    VmmUnavailable,
+    VmNotFound,
+    VmSpec,
+    VmSpecInvalid,
+    VmState,
+)
 
 log = logging.getLogger("ember.agent.vmm.qemu")
 
@@ -130,7 +138,7 @@ def check_spec(spec: VmSpec) -> None:
     if len(str(qmp)) > SUN_PATH_MAX:
         problems["workdir"] = f"too long for a Unix socket path ({qmp})"
     if problems:
-        raise VmmError(
+        raise VmSpecInvalid(
             f"VM {spec.vm_id} cannot be run by QEMU: "
             + "; ".join(f"{k}: {v}" for k, v in problems.items()),
             detail={"vm_id": spec.vm_id, "problems": problems},

@@ -36,7 +36,6 @@ from tests.support.edge import (
     client_hello_bytes,
     closed_within,
     connect,
-    free_port,
     handmade_client_hello,
     make_cert,
     read_line,
@@ -45,6 +44,7 @@ from tests.support.edge import (
     snapshot,
     tls_connect,
 )
+from tests.support.net import free_port
 
 EDGE = "127.0.0.10"
 INSPECT_S = 0.5

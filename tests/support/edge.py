@@ -23,12 +23,6 @@ from ember.core import proxyv2
 from ember.core.edge import Backend, EdgeSettings, EdgeSnapshot, Route, RouteKind
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 def make_cert(directory: Path, hostname: str) -> tuple[Path, Path]:
     """A self-signed P-256 certificate for ``hostname`` (its own CA in the tests)."""
     cert, key = directory / f"{hostname}.crt", directory / f"{hostname}.key"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import socket
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on now (bound and released; a server started right
-    after takes it — the small race is accepted in tests)."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port on loopback address ``host`` nothing listens on now (bound and released; a
+    server started right after takes it — the small race is accepted in tests)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])

@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _build_cflags() -> list[str]:
+    """The flags guest/build.py really compiles the init with (not a copy of them)."""
+    spec = importlib.util.spec_from_file_location("guest_build", ROOT / "guest/build.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    flags: list[str] = list(module.CFLAGS)
+    return flags
+
+
 def test_init_compiles_static_with_all_warnings_as_errors(tmp_path: Path) -> None:
     out = tmp_path / "init"
+    cflags = _build_cflags()
+    assert {"-static", "-Wall", "-Wextra", "-Werror"} <= set(cflags)
     proc = subprocess.run(
-        [
-            "gcc",
-            "-static",
-            "-O2",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-o",
-            str(out),
-            str(ROOT / "guest/init/init.c"),
-        ],
+        ["gcc", *cflags, "-o", str(out), str(ROOT / "guest/init/init.c")],
         capture_output=True,
         text=True,
         check=False,
@@ -33,5 +36,6 @@ def test_init_compiles_static_with_all_warnings_as_errors(tmp_path: Path) -> Non
 
 
 def test_the_build_uses_the_same_flags() -> None:
-    source = (ROOT / "guest/build.py").read_text()
-    assert '"-static", "-O2", "-Wall", "-Wextra", "-Werror"' in source
+    # The build's own flags are what the compile test above uses; they must keep the
+    # warnings fatal and the binary static.
+    assert _build_cflags()[:5] == ["-static", "-O2", "-Wall", "-Wextra", "-Werror"]

@@ -57,10 +57,23 @@ from ember.agent.net.taps import TapNetwork
 from ember.agent.oci.store import PreparedImage
 from ember.agent.state import AgentState, InstanceRecord, StateStore
 from ember.agent.vmm.base import Drive, NetDevice, VmmDriver, VmNotFound, VmSpec, VmState
-from ember.core.errors import Unavailable
+from ember.core.errors import Unavailable, ValidationFailed
 from ember.core.instances import InstanceSpec
 
 log = logging.getLogger("ember.agent")
+
+
+class NotEnrolled(ValidationFailed):
+    """No host id in the data dir and no enrolment token to get one."""
+
+    code = "agent.not_enrolled"
+
+
+class NoRegistry(Unavailable):
+    """The control plane names no registry to pull images from."""
+
+    code = "agent.no_registry"
+
 
 __all__ = [
     "Agent",
@@ -552,8 +565,10 @@ def ensure_enrolled(
     if state.host_id is not None:
         return state.host_id, identity
     if not enroll_token:
-        raise RuntimeError(
-            f"this host is not enrolled yet ({store.path} has no host id): give --enroll-token"
+        raise NotEnrolled(
+            f"this host is not enrolled yet ({store.path} has no host id)",
+            hint="give --enroll-token (an operator makes one with 'ember hosts enroll-token')",
+            detail={"field": "--enroll-token"},
         )
     with Client(api_url, None) as anon:
         enrolled = anon.enroll(

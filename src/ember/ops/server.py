@@ -288,6 +288,7 @@ def agent(
         Agent,
         AgentConfig,
         ClientControlPlane,
+        NoRegistry,
         TapHostNetwork,
         ensure_enrolled,
     )
@@ -313,21 +314,21 @@ def agent(
     memory_mb = memory_mb or default_mb
     guest_dir = guest_dir or _default_guest_dir(ops.settings.home)
     store = StateStore(root)
-    try:
-        hid, identity = ensure_enrolled(
-            store,
-            api_url=api_url,
-            host_id=host_id or socket.gethostname().split(".")[0],
-            enroll_token=enroll_token,
-            vcpus=vcpus,
-            memory_mb=memory_mb,
-        )
-    except RuntimeError as exc:
-        raise click.ClickException(str(exc)) from exc
+    hid, identity = ensure_enrolled(
+        store,
+        api_url=api_url,
+        host_id=host_id or socket.gethostname().split(".")[0],
+        enroll_token=enroll_token,
+        vcpus=vcpus,
+        memory_mb=memory_mb,
+    )
     with Client(api_url, None, auth=NodeAuth(identity, hid)) as client:
         registry_url = client.platform().registry_url
         if not registry_url:
-            raise click.ClickException("the control plane has no registry configured")
+            raise NoRegistry(
+                "the control plane has no image registry configured",
+                hint="set EMBER_REGISTRY_URL for 'ember server api' ('ember dev up' does)",
+            )
         plan = AddressPlan.for_host(hid)
         leases = LeaseStore(store.leases_path)
         allocator = HostLocalAllocator(leases.load(plan), on_change=leases.save)

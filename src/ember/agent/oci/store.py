@@ -60,7 +60,7 @@ from ember.agent.oci.errors import LayerUnsupported, PlatformUnavailable
 from ember.agent.oci.rootfs import DEFAULT_MARGIN, build_ext4, ensure_mount_points
 from ember.agent.oci.unpack import Unpacker, UnpackStats, apply_layer, check_media_type
 from ember.client.oci.errors import DigestMismatch, LayoutInvalid
-from ember.client.oci.layout import OciLayout
+from ember.client.oci.layout import OciLayout, write_atomic
 from ember.client.oci.media import (
     DOCKER_CONFIG,
     INDEXES,
@@ -233,17 +233,6 @@ def _disk_bytes(path: Path) -> int:
         return 0
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class ImageStore:
     """Prepares root filesystems from images by digest; see the module docstring."""
 
@@ -376,7 +365,7 @@ class ImageStore:
                 "timings": timings.to_json(),
             }
             meta_path = self._meta_path(digest)
-            _write_atomic(meta_path, json.dumps(meta, sort_keys=True, indent=1).encode())
+            write_atomic(meta_path, json.dumps(meta, sort_keys=True, indent=1).encode())
             now = self._clock()
             os.utime(meta_path, (now, now))
         finally:

@@ -140,9 +140,9 @@ class OciLayout:
         layout.blobs_dir.mkdir(parents=True, exist_ok=True)
         marker = layout.path / LAYOUT_FILE
         if not marker.exists():
-            _write_atomic(marker, canonical_json({"imageLayoutVersion": LAYOUT_VERSION}))
+            write_atomic(marker, canonical_json({"imageLayoutVersion": LAYOUT_VERSION}))
         if not layout.index_path.exists():
-            _write_atomic(layout.index_path, canonical_json(index_document([])))
+            write_atomic(layout.index_path, canonical_json(index_document([])))
         return layout
 
     @classmethod
@@ -271,7 +271,7 @@ class OciLayout:
             if not (ref_name and m.ref_name == ref_name)
             and not (m.digest == desc.digest and m.ref_name == entry.ref_name)
         ]
-        _write_atomic(self.index_path, canonical_json(index_document([*kept, entry])))
+        write_atomic(self.index_path, canonical_json(index_document([*kept, entry])))
         return entry
 
     def resolve(self, ref_name: str | None = None) -> Descriptor:
@@ -341,10 +341,18 @@ class OciLayout:
         return parsed
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically. The temporary file has a unique name:
+    concurrent writers of one path (two processes opening the same layout) must not
+    rename each other's half-written files away."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 # -- archives ---------------------------------------------------------------------------

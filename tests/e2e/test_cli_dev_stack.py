@@ -60,6 +60,7 @@ def test_dev_up_creates_the_stack_once_and_is_idempotent(home: Path) -> None:
     assert info["admin_token"] in config and 'org = "local"' in config
     assert info["services_started"] == {"api": True, "controller": True, "registry": True}
     assert info["edge"] == "started"
+    assert info["agent"].startswith("not started")
     registry_url = info["registry_url"]
     assert registry_url == f"http://127.0.0.1:{stack_env(home)['EMBER_REGISTRY_PORT']}"
 
@@ -70,7 +71,13 @@ def test_dev_up_creates_the_stack_once_and_is_idempotent(home: Path) -> None:
     assert again["services_started"] == {"api": False, "controller": False, "registry": False}
     assert again["edge"] == "running"
     status = json.loads(ember(home, "dev", "status", "--json").stdout)
-    assert status["services"] == {"api": True, "controller": True, "registry": True, "edge": True}
+    assert status["services"] == {
+        "api": True,
+        "controller": True,
+        "registry": True,
+        "edge": True,
+        "agent": False,  # EMBER_DEV_AGENT=0 (tests.support.stack)
+    }
     import httpx
 
     assert httpx.get(status["api_url"] + "/readyz").json() == {"status": "ready"}
@@ -173,7 +180,13 @@ def test_dev_down_stops_and_then_commands_say_what_to_do(home: Path) -> None:
     assert down.returncode == 0
     assert json.loads(down.stdout) == {
         "stopped": True,
-        "services_stopped": {"api": True, "controller": True, "registry": True, "edge": True},
+        "services_stopped": {
+            "api": True,
+            "controller": True,
+            "registry": True,
+            "edge": True,
+            "agent": False,  # never started here (EMBER_DEV_AGENT=0)
+        },
     }
     assert json.loads(ember(home, "dev", "down", "--json").stdout)["stopped"] is False
     proc = ember(home, "admin", "events", "list")

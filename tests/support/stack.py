@@ -9,11 +9,14 @@ from pathlib import Path
 from tests.support.net import free_port
 
 
-def stack_env(home: Path) -> dict[str, str]:
-    """A private stack: its own home, CLI config, API port and registry port."""
+def stack_env(home: Path, *, agent: bool = False) -> dict[str, str]:
+    """A private stack: its own home, CLI config, API port and registry port. Without
+    ``agent`` its `ember dev up` starts no host agent (tests that simulate hosts, or run
+    their own agent, must not get a real one beside)."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("EMBER_")}
     return {
         **base,
+        "EMBER_DEV_AGENT": "1" if agent else "0",
         "EMBER_HOME": str(home),
         "EMBER_CONFIG": str(home / "cli.toml"),
         "EMBER_API_PORT": str(_port_for(home)),

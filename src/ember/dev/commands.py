@@ -1,10 +1,16 @@
 """`ember dev`: bring the single-node stack up and down on this machine.
 
 `up` is idempotent: it creates what is missing and starts what is not running —
-PostgreSQL (embedded unless EMBER_DATABASE_URL is set), the schema, the API and the
-controller — and, the first time only, the local admin user with an org and a token,
-which it stores in the CLI config so `ember apps create` works right away. The local
-admin is a platform operator (granted on every `up`, so older stacks get it too).
+PostgreSQL (embedded unless EMBER_DATABASE_URL is set), the schema, the registry, the API
+and the controller — and, the first time only, the local admin user with an org and a
+token, which it stores in the CLI config so `ember apps create` works right away. The local
+admin is a platform operator (granted on every `up`, so older stacks get it too). Then the
+edge (HAProxy, loopback only) and the host agent, which enrols this machine with a
+one-time token on its first start and runs instances as QEMU microVMs.
+
+`down` stops every process and then what the agent leaves running on purpose when it
+stops alone (VMs, taps, routes, the nftables table: :mod:`ember.agent.teardown`), so a
+stopped stack leaves nothing behind; the next `up` brings the instances back.
 """
 
 from __future__ import annotations
@@ -13,13 +19,21 @@ import contextlib
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import click
 import httpx
 
 from ember import __version__
+from ember.agent.converge import LocalStatus
+from ember.agent.state import StateStore
+from ember.agent.teardown import teardown
+from ember.agent.vmm.qemu import QemuConfig, QemuDriver
+from ember.api.enrollment import Enrollment
+from ember.api.hosts import Hosts
 from ember.cli.config import CliConfig, config_path, load_file, save_file
 from ember.cli.output import console, emit_fields, emit_json, step
 from ember.core.catalog import StackStarted, StackStopped
@@ -37,7 +51,9 @@ STACK_STREAM = "stack-local"
 ADMIN_EMAIL = "admin@localhost"
 ADMIN_ORG = "local"
 CORE_SERVICES = ("api", "controller", registry.NAME)
-SERVICES = (*CORE_SERVICES, "edge")
+SERVICES = (*CORE_SERVICES, "edge", "agent")
+AGENT_ENV = "EMBER_DEV_AGENT"
+"""``0`` keeps ``ember dev up`` from starting the agent (as ``--no-agent`` does)."""
 
 
 def _supervisor(ops: OpsContext) -> Supervisor:
@@ -103,12 +119,9 @@ def _start_services(ops: OpsContext) -> dict[str, bool]:
     return started
 
 
-def _start_edge(ops: OpsContext) -> str:
-    """`ember server edge` with its own operator token (kept in $EMBER_HOME/edge/token,
-    mode 0600); skipped, and said so, where HAProxy is not installed."""
-    if shutil.which("haproxy") is None:
-        return "not started: haproxy is not installed (make bootstrap installs it)"
-    sup = _supervisor(ops)
+def _service_token(ops: OpsContext) -> str:
+    """The operator token the stack's own services use (edge; the agent's enrolment),
+    kept in $EMBER_HOME/edge/token, mode 0600 — made once."""
     edge_dir = ops.settings.home / "edge"
     edge_dir.mkdir(parents=True, exist_ok=True)
     token_file = edge_dir / "token"
@@ -125,16 +138,116 @@ def _start_edge(ops: OpsContext) -> str:
         )
         token_file.touch(mode=0o600)
         token_file.write_text(secret)
-    ember = os.path.join(os.path.dirname(sys.executable), "ember")
+    return token_file.read_text().strip()
+
+
+def _ember() -> str:
+    return os.path.join(os.path.dirname(sys.executable), "ember")
+
+
+def _start_edge(ops: OpsContext) -> str:
+    """`ember server edge` with the stack's operator token; skipped, and said so, where
+    HAProxy is not installed."""
+    if shutil.which("haproxy") is None:
+        return "not started: haproxy is not installed (make bootstrap installs it)"
+    sup = _supervisor(ops)
     env = {
         **os.environ,
         "EMBER_HOME": str(ops.settings.home),
         "EMBER_API_URL": _api_url(ops),
-        "EMBER_EDGE_TOKEN": token_file.read_text().strip(),
-        "EMBER_EDGE_DIR": str(edge_dir / "haproxy"),
+        "EMBER_EDGE_TOKEN": _service_token(ops),
+        "EMBER_EDGE_DIR": str(ops.settings.home / "edge" / "haproxy"),
     }
-    started = sup.start("edge", [ember, "server", "edge"], env)
+    started = sup.start("edge", [_ember(), "server", "edge"], env)
     return "started" if started else "running"
+
+
+def _default_host_id() -> str:
+    return socket.gethostname().split(".")[0].lower()
+
+
+def _agent_dir(ops: OpsContext) -> Path:
+    return ops.settings.home / "agent"
+
+
+def _guest_dir(ops: OpsContext, quiet: bool) -> Path | None:
+    """The guest kernel and initramfs: the checkout's guest/build (built now with
+    guest/build.py when missing: a few seconds when Debian's package is cached), else
+    $EMBER_HOME/guest; None when neither can be had."""
+    checkout = Path(__file__).resolve().parents[3]
+    for candidate in (checkout / "guest" / "build", ops.settings.home / "guest"):
+        if (candidate / "vmlinux").exists():
+            return candidate
+    build = checkout / "guest" / "build.py"
+    if not build.exists():
+        return None
+    with step("Building the guest kernel and init (once)…", quiet=quiet):
+        proc = subprocess.run(
+            [sys.executable, str(build), "--out", str(checkout / "guest" / "build")],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    if proc.returncode != 0:
+        raise StackFailed(
+            "building the guest kernel and init failed: " + proc.stderr.strip()[-500:],
+            hint="run 'make guest' to see the whole output",
+        )
+    return checkout / "guest" / "build"
+
+
+def _start_agent(ops: OpsContext, wanted: bool, host_id: str) -> str:
+    """`ember server agent` (QEMU microVMs) for this machine, enrolled on its first start
+    with a one-time token made here; skipped, and said why, where it cannot run."""
+    if not wanted or os.environ.get(AGENT_ENV, "1") == "0":
+        return f"not started (--no-agent or {AGENT_ENV}=0): deploys stay pending"
+    if os.geteuid() != 0:
+        return "not started: the agent needs root (tap devices, nftables, cgroups)"
+    if shutil.which("qemu-system-x86_64") is None:
+        return "not started: qemu-system-x86_64 is missing (make bootstrap installs it)"
+    sup = _supervisor(ops)
+    if sup.pid("agent") is not None:
+        return "running"
+    guest = _guest_dir(ops, quiet=ops.as_json)
+    if guest is None:
+        return "not started: no guest kernel (run 'make guest' in the checkout)"
+    data_dir = _agent_dir(ops)
+    env = {
+        **os.environ,
+        "EMBER_HOME": str(ops.settings.home),
+        "EMBER_API_URL": _api_url(ops),
+        "EMBER_AGENT_DIR": str(data_dir),
+    }
+    if StateStore(data_dir).load().host_id is None:  # first start: enrol
+        svc = ops.tenancy()
+        who = svc.authenticate(_service_token(ops))
+        secret, _ = Enrollment(Hosts(svc)).create_token(who, host_id=host_id, expires_in_s=600)
+        env["EMBER_AGENT_ENROLL_TOKEN"] = secret
+    sup.start(
+        "agent",
+        [_ember(), "server", "agent", "--host-id", host_id, "--guest-dir", str(guest)],
+        env,
+    )
+    deadline = time.monotonic() + 60
+    while StateStore(data_dir).load().host_id is None:
+        if sup.exited_early("agent") or time.monotonic() > deadline:
+            raise StackFailed("the agent did not enrol", hint=f"see {sup.log_file('agent')}")
+        time.sleep(0.2)
+    return f"started (host {StateStore(data_dir).load().host_id})"
+
+
+def _stop_agent(ops: OpsContext, sup: Supervisor) -> dict[str, object]:
+    """Stop the agent, then what it leaves running by design (VMs, taps, routes, the
+    nftables table): a stopped stack leaves nothing behind."""
+    out: dict[str, object] = {"agent": sup.stop("agent")}
+    data_dir = _agent_dir(ops)
+    if not StateStore(data_dir).path.exists() or os.geteuid() != 0:
+        return out
+    report = teardown(data_dir, driver=QemuDriver(QemuConfig(state_dir=data_dir / "qemu")))
+    out["vms_stopped"] = list(report.vms_stopped)
+    out["taps_deleted"] = list(report.taps_deleted)
+    out["firewall_removed"] = report.firewall_removed
+    return out
 
 
 def _port_taken(port: int) -> bool:
@@ -204,14 +317,28 @@ def _ensure_admin(ops: OpsContext) -> str | None:
 
 
 @dev.command()
+@click.option(
+    "--agent/--no-agent",
+    default=True,
+    show_default=True,
+    help=f"run this machine's host agent (QEMU microVMs; needs root) [env: {AGENT_ENV}=0]",
+)
+@click.option(
+    "--host-id",
+    default=_default_host_id,
+    show_default="the hostname",
+    help="the id this machine enrols with (first start only)",
+)
 @json_option
 @pass_ops
-def up(ops: OpsContext) -> None:
-    """Start the stack (idempotent): Postgres, schema, API, controller, local admin.
+def up(ops: OpsContext, agent: bool, host_id: str) -> None:
+    """Start the stack (idempotent): Postgres, schema, registry, API, controller, local
+    admin, edge (HAProxy) and the host agent.
 
     Without EMBER_DATABASE_URL an embedded PostgreSQL cluster is created under
     $EMBER_HOME/postgres (default ~/.local/share/ember) and started. The API listens on
-    127.0.0.1:$EMBER_API_PORT (default 7070).
+    127.0.0.1:$EMBER_API_PORT (default 7070). The agent enrols this machine on its first
+    start and runs instances as QEMU microVMs.
     """
     embedded = ops.settings.database_url is None
     info: dict[str, object] = {"home": str(ops.settings.home)}
@@ -241,6 +368,8 @@ def up(ops: OpsContext) -> None:
     token = _ensure_admin(ops)
     with step("Starting the edge (HAProxy)…", quiet=ops.as_json):
         info["edge"] = _start_edge(ops)
+    with step("Starting the host agent…", quiet=ops.as_json):
+        info["agent"] = _start_agent(ops, agent, host_id)
     runner = ops.projections()
     runner.catch_up()
     info["event"] = f"stack.started at {result.cursor} (version {result.last_version})"
@@ -261,6 +390,7 @@ def up(ops: OpsContext) -> None:
             "api": info["api_url"],
             "registry": info["registry_url"],
             "edge": info["edge"],
+            "agent": info["agent"],
             "migrations": ", ".join(info["migrations_applied"]) or "up to date",  # type: ignore[arg-type]
             "event": info["event"],
         }
@@ -275,9 +405,14 @@ def up(ops: OpsContext) -> None:
 @json_option
 @pass_ops
 def down(ops: OpsContext) -> None:
-    """Stop the stack (idempotent). Data stays in $EMBER_HOME."""
+    """Stop the stack (idempotent): every process, and the agent's VMs, tap devices,
+    routes and nftables table. Data stays in $EMBER_HOME; 'ember dev up' brings the
+    instances back."""
     sup = _supervisor(ops)
-    services = {name: sup.stop(name) for name in SERVICES}
+    # The agent first, so it does not restart what is being stopped; then its VMs.
+    agent = _stop_agent(ops, sup)
+    services = {name: sup.stop(name) for name in SERVICES if name != "agent"}
+    services["agent"] = bool(agent.pop("agent"))
     stopped = False
     if ops.settings.database_url is None:
         cluster = LocalCluster(ops.settings.postgres_dir)
@@ -288,7 +423,7 @@ def down(ops: OpsContext) -> None:
     else:
         _record_stop(ops)
     if ops.as_json:
-        emit_json({"stopped": stopped, "services_stopped": services})
+        emit_json({"stopped": stopped, "services_stopped": services, **agent})
     elif stopped or any(services.values()):
         click.echo("Stopped the single-node stack.")
     else:
@@ -307,6 +442,17 @@ def status(ops: OpsContext) -> None:
     else:
         out["postgres_running"] = True
     out["services"] = {name: sup.pid(name) is not None for name in SERVICES}
+    out["pids"] = {name: sup.pid(name) for name in SERVICES}
+    agent_state = StateStore(_agent_dir(ops))
+    if agent_state.path.exists():
+        local = agent_state.load()
+        out["agent"] = {
+            "host_id": local.host_id,
+            "instances": {
+                st.value: sum(1 for r in local.instances.values() if r.status is st)
+                for st in LocalStatus
+            },
+        }
     out["api_url"] = _api_url(ops)
     out["registry_url"] = _registry_url(ops)
     if out["postgres_running"]:

@@ -126,6 +126,25 @@ class TapNetwork:
             settings.append((f"net/ipv6/conf/{self.ndp_proxy_uplink}/proxy_ndp", "1"))
         self._sysctl(settings)
 
+    def unprepare_host(self, plan: AddressPlan) -> None:
+        """Remove the plan's ``unreachable`` routes (idempotent). The forwarding and
+        proxy-NDP switches stay: other software on the host may rely on them."""
+        nets: list[IPv6Network | IPv4Network] = [plan.ipv6_prefix]
+        if plan.ipv4_pool is not None:
+            nets.append(plan.ipv4_pool)
+        with self._ipr() as ipr:
+            for net in nets:
+                try:
+                    ipr.route(
+                        "del",
+                        dst=str(net),
+                        type="unreachable",
+                        family=10 if net.version == 6 else 2,
+                    )
+                except NetlinkError as exc:
+                    if exc.code not in (errno.ESRCH, errno.ENOENT):
+                        raise _nl(f"remove unreachable route {net}", exc) from exc
+
     # -- taps ---------------------------------------------------------------------------
 
     def create(

@@ -15,13 +15,15 @@ Each image has two layers, both built by ember.client.oci.builder (deterministic
    symlinks (``/bin/sh``, ``/usr/sbin/httpd``, ...) where no package put a file.
    Nothing but the Debian mirror is contacted, and with a warm cache not even that.
 2. *app*: ``examples/NAME/rootfs/`` (modes normalised: 0755 for directories and
-   executables, 0644 otherwise), a minimal ``/etc/passwd`` and ``/etc/group``, ``/tmp``
-   and, for hello-tls, a self-signed certificate made with the ``openssl`` command the
-   first time and kept in ``CACHE/examples/hello-tls`` so that rebuilding with the same
-   cache gives the same digest.
+   executables, 0644 otherwise), the example's C programs compiled with this machine's
+   gcc (static and stripped: ``CFLAGS``), a minimal ``/etc/passwd`` and ``/etc/group``,
+   ``/tmp`` and, for hello-tls, a self-signed certificate made with the ``openssl``
+   command the first time and kept in ``CACHE/examples/hello-tls`` so that rebuilding
+   with the same cache gives the same digest.
 
-Same cache in, same digest out: two builds of an example with one cache directory give
-byte-identical layouts.
+Same cache in, same digest out: two builds of an example with one cache directory (and
+one toolchain: gcc, libc6-dev, libssl-dev) give byte-identical layouts. A stripped static
+binary holds no paths, timestamps or debug info; the layer builder zeroes mtimes.
 """
 
 from __future__ import annotations
@@ -58,8 +60,34 @@ PRUNE = (
 )
 
 
+# Static (no shared libraries needed in the image) and stripped (no paths or debug info,
+# so the same source and toolchain give the same bytes); hardened, as they face the network.
+CFLAGS = (
+    "-static",
+    "-O2",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+    "-s",
+    "-D_FORTIFY_SOURCE=2",
+    "-fstack-protector-strong",
+)
+
+
 class ExampleFailed(Unavailable):
     code = "dev.example_failed"
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """A C program of an example, compiled into its app layer."""
+
+    source: str
+    """Relative to the example's directory."""
+    target: str
+    """Its path in the image."""
+    libs: tuple[str, ...] = ()
+    """Linked statically (``-lNAME``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +98,7 @@ class Example:
     config: ImageConfig
     tls: bool = False
     """Generate a self-signed certificate into /etc/hello-tls/{cert,key}.pem."""
+    programs: tuple[Program, ...] = ()
 
 
 EXAMPLES: dict[str, Example] = {
@@ -86,7 +115,9 @@ EXAMPLES: dict[str, Example] = {
     ),
     "hello-tls": Example(
         "hello-tls",
-        ("busybox-static", "socat"),
+        # The server is a static binary; busybox is the shell for `ember exec` and
+        # poking around.
+        ("busybox-static",),
         ImageConfig(
             cmd=["/usr/local/bin/hello-tls"],
             user=NOBODY,
@@ -94,6 +125,8 @@ EXAMPLES: dict[str, Example] = {
             labels={"org.opencontainers.image.title": "hello-tls"},
         ),
         tls=True,
+        # TLS with OpenSSL, behind an optional PROXY v2 header (examples/hello-tls/README.md).
+        programs=(Program("hello-tls.c", "/usr/local/bin/hello-tls", ("ssl", "crypto")),),
     ),
 }
 
@@ -101,7 +134,9 @@ EXAMPLES: dict[str, Example] = {
 # -- Debian packages ----------------------------------------------------------------------
 
 
-def _run(argv: Sequence[str], *, cwd: Path | None = None, what: str) -> str:
+def _run(
+    argv: Sequence[str], *, cwd: Path | None = None, what: str, hint: str | None = None
+) -> str:
     try:
         proc = subprocess.run(
             list(argv), cwd=cwd, capture_output=True, text=True, check=False, timeout=600
@@ -109,12 +144,13 @@ def _run(argv: Sequence[str], *, cwd: Path | None = None, what: str) -> str:
     except FileNotFoundError as exc:
         raise ExampleFailed(
             f"{argv[0]} is not installed (needed to {what})",
-            hint="build examples on Debian with apt, dpkg and openssl ('make bootstrap')",
+            hint=hint or "build examples on Debian with apt, dpkg and openssl ('make bootstrap')",
         ) from exc
     if proc.returncode != 0:
         raise ExampleFailed(
             f"could not {what}: {argv[0]} exited {proc.returncode}: {proc.stderr.strip()[-500:]}",
-            hint="run 'apt-get update' once if apt knows no packages; check the Debian mirror",
+            hint=hint
+            or "run 'apt-get update' once if apt knows no packages; check the Debian mirror",
         )
     return proc.stdout
 
@@ -297,12 +333,32 @@ def tls_material(directory: Path, name: str) -> tuple[Path, Path]:
     return cert, key
 
 
+def compile_program(program: Program, source: Path, root: Path) -> None:
+    """``gcc`` ``program`` from the example directory ``source`` into ``root``."""
+    target = root / program.target.lstrip("/")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _run(
+        [
+            "gcc",
+            *CFLAGS,
+            "-o",
+            str(target),
+            str(source / program.source),
+            *(f"-l{lib}" for lib in program.libs),
+        ],
+        what=f"compile {program.source}",
+        hint="install gcc, libc6-dev and the -dev packages of the libraries ('make bootstrap')",
+    )
+
+
 def stage_app(example: Example, source: Path, root: Path, cache: Path) -> None:
     overlay = source / "rootfs"
     if overlay.is_dir():
         shutil.copytree(overlay, root, symlinks=True, dirs_exist_ok=True)
     else:
         root.mkdir(parents=True, exist_ok=True)
+    for program in example.programs:
+        compile_program(program, source, root)
     etc = root / "etc"
     etc.mkdir(exist_ok=True)
     (etc / "passwd").write_text(

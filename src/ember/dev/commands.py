@@ -225,7 +225,13 @@ def _start_agent(ops: OpsContext, wanted: bool, host_id: str) -> str:
         env["EMBER_AGENT_ENROLL_TOKEN"] = secret
     sup.start(
         "agent",
-        [_ember(), "server", "agent", "--host-id", host_id, "--guest-dir", str(guest)],
+        [
+            *(_ember(), "server", "agent", "--host-id", host_id, "--guest-dir", str(guest)),
+            # A development machine keeps no core back for itself (a production agent
+            # reserves one): CPU is shared anyway, and one core x the scheduler's
+            # oversubscription would hold only four one-vCPU instances here.
+            *("--vcpus", str(os.cpu_count() or 1)),
+        ],
         env,
     )
     deadline = time.monotonic() + 60

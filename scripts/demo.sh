@@ -1,81 +1,102 @@
 #!/usr/bin/env bash
-# `make demo`: bring up Ember's single-node stack and show the control plane working.
-# Safe to re-run: every step is idempotent. Leaves the stack running.
+# `make demo`: a short tour of Ember on one machine. Brings up the whole single-node stack
+# (PostgreSQL, registry, API, controller, edge, host agent), deploys the hello-http sample
+# into a real microVM, routes a TCP port of the edge to it and fetches the page through
+# the edge. Safe to re-run: every step is idempotent. Leaves the stack running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EMBER="$PWD/.venv/bin/ember"
+APP=hello-http
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+say() { printf '    %s\n' "$*"; }
 expect_exit() {  # expect_exit CODE WHAT -- COMMAND...
   local want=$1 what=$2; shift 3
   set +e; "$@" >/dev/null 2>/tmp/ember-demo.err; local got=$?; set -e
-  printf '%-58s -> exit %s (%s)\n' "$what" "$got" "$(head -n1 /tmp/ember-demo.err)"
+  printf '    %-52s -> exit %s (%s)\n' "$what" "$got" "$(head -n1 /tmp/ember-demo.err)"
   [ "$got" = "$want" ] || { echo "demo: expected exit $want" >&2; exit 1; }
 }
+
+if [ "$(id -u)" != 0 ]; then
+  echo "demo: run it as root: the host agent needs tap devices, nftables and cgroups" >&2
+  exit 1
+fi
 
 # Put `ember` on PATH for the newcomer (root on a fresh machine): a symlink, nothing else.
 if [ -w /usr/local/bin ] && { [ ! -e /usr/local/bin/ember ] || [ -L /usr/local/bin/ember ]; }; then
   ln -sf "$PWD/.venv/bin/ember" /usr/local/bin/ember
 fi
 
-step "Bringing up the single-node stack (PostgreSQL, schema, API, controller, local admin)"
+step "1. Bring up the single-node stack"
+say "PostgreSQL (the event log), the OCI registry, the API, the controller, the edge"
+say "(HAProxy) and the host agent, which runs every instance as its own microVM."
 $EMBER dev up
 
-step "Who am I? (the local admin's token was stored in the CLI config)"
+step "2. Who am I? (the local admin's token is in the CLI config)"
 $EMBER whoami
 
-step "Apps: create (idempotent), list as JSON, show"
-$EMBER apps create hello
-$EMBER apps create hello
-$EMBER envs create prod --app hello
-$EMBER apps list --json
-$EMBER apps show hello
+step "3. Build the sample app into an OCI image (from Debian packages, no Docker)"
+.venv/bin/python -m ember.dev.examples build "$APP" --out "examples/$APP/build/oci"
+(cd "examples/$APP" && $EMBER manifest validate)
 
-step "Errors are clear and exit codes stable (docs/specs/cli.md)"
+step "4. Create the app and its environment (idempotent)"
+$EMBER apps create "$APP"
+$EMBER envs create prod --app "$APP"
+
+step "5. Deploy: push the image by digest, release it, wait for a healthy microVM"
+say "The controller places the instance, the agent pulls the image, builds its root"
+say "filesystem, boots the VM and health-checks it; 'ember deploy' follows along."
+(cd "examples/$APP" && $EMBER deploy --image build/oci --timeout 5m)
+
+step "6. Errors are clear and exit codes stable (docs/specs/cli.md)"
 expect_exit 3 "ember apps show nope" -- $EMBER apps show nope
 expect_exit 5 "ember whoami with a bad token" -- env EMBER_API_TOKEN=ember_pat_bad $EMBER whoami
-expect_exit 2 "ember apps create 'Bad Name'" -- $EMBER apps create "Bad Name"
+expect_exit 2 "ember scale web=-1" -- $EMBER scale web=-1 --app "$APP"
 
-step "Build the sample apps into OCI images from Debian packages (no Docker)"
-for app in hello-http hello-tls; do
-  .venv/bin/python -m ember.dev.examples build "$app" --out "examples/$app/build/oci"
-done
+step "7. Route a raw TCP port of the edge to the app's port 8080"
+tcp_port() {  # the edge port of the app's TCP route to web:8080, if there is one
+  $EMBER routes list --app "$APP" --json | .venv/bin/python -c '
+import json, sys
+print(next((str(r["port"]) for r in json.load(sys.stdin)
+            if r["kind"] == "tcp" and r["process"] == "web" and r["backend_port"] == 8080), ""))'
+}
+port=$(tcp_port)
+if [ -z "$port" ]; then
+  $EMBER routes create --tcp --port auto --process web --backend-port 8080 --app "$APP"
+  port=$(tcp_port)
+fi
+$EMBER routes list --app "$APP"
 
-step "Validate their manifests (offline; every error would name its exact path)"
-(cd examples/hello-http && $EMBER manifest validate)
-(cd examples/hello-tls && $EMBER manifest validate)
-
-step "Deploy hello-http: push the image by digest to the platform registry, release v1"
-# --detach: no host agent runs on this stack yet, so the rollout cannot finish; without it
-# `ember deploy` waits for the new instances to be healthy (and exits 6 if they never are).
-$EMBER apps create hello-http
-$EMBER envs create prod --app hello-http
-(cd examples/hello-http && $EMBER deploy --image build/oci --detach)
-(cd examples/hello-http && $EMBER deploy --image build/oci)   # identical: nothing new
-
-step "A changed manifest is a new release; rollback returns to an older one"
-sed 's/max_surge = 1/max_surge = 2/' examples/hello-http/ember.toml > /tmp/ember-demo-v2.toml
-(cd examples/hello-http && $EMBER deploy --image build/oci --manifest /tmp/ember-demo-v2.toml --detach)
-(cd examples/hello-http && $EMBER rollback)
-(cd examples/hello-http && $EMBER releases)
-
-step "Desired vs running: scale, then ask why it does not converge (no hosts yet)"
-(cd examples/hello-http && $EMBER scale web=2)
-sleep 1   # one controller pass
-(cd examples/hello-http && $EMBER status)
+step "8. What runs where: desired vs running, per instance"
+$EMBER status --app "$APP"
 $EMBER hosts list
 
-step "Every change is an event; views are projections of the log"
-$EMBER admin events streams
-$EMBER admin projections status
+step "9. The workload's console output, through the control plane"
+$EMBER logs --app "$APP" --lines 15
+
+step "10. Every change is an event; views are projections of the log"
+$EMBER admin events streams | head -n 12
 $EMBER admin projections verify
 
-cat <<'MSG'
+cat <<MSG
 
-Ember's single-node stack is up (API on http://127.0.0.1:7070); `ember` is on your PATH. Try:
-  ember apps list                 # your apps in org 'local'
-  ember tokens create --name ci --org local --app hello --capability deploy
-  ember admin events tail         # follow the event log live (Ctrl-C to stop)
-  ember status --app hello-http   # desired vs running, and why it is not converging
-  ember dev down                  # stop it (data stays in $EMBER_HOME)
+Try next:
+  ember scale web=3 --app $APP          # three microVMs behind the same edge port
+  ember logs -f --app $APP              # follow the console output
+  ember deploy --image build/oci        # (in examples/$APP) a new release, rolled out
+  ember rollback --app $APP             # back to the previous release
+  ember routes create --hostname hello-tls --process web --backend-port 8443 --app hello-tls
+                                        # TLS passthrough, routed on SNI
+  ember dev down                        # stop everything; data stays in \$EMBER_HOME
 MSG
+
+step "11. The page, served by a microVM through the edge (curl http://127.0.0.1:$port/)"
+for attempt in 1 2 3 4 5 6 7 8 9 10; do
+  if page=$(curl -fsS --max-time 5 "http://127.0.0.1:$port/"); then
+    printf '%s\n' "$page"
+    exit 0
+  fi
+  sleep 1   # the edge picks a new route up within a second
+done
+echo "demo: the page was not served through the edge on port $port" >&2
+exit 1

@@ -59,6 +59,29 @@ CREATE TABLE public.idempotency_keys (
     CONSTRAINT idempotency_keys_key_check CHECK (((length(key) >= 1) AND (length(key) <= 200)))
 );
 
+CREATE TABLE public.instance_logs (
+    id bigint NOT NULL,
+    org_id text NOT NULL,
+    app_id text NOT NULL,
+    env text NOT NULL,
+    process text NOT NULL,
+    instance_id text NOT NULL,
+    host_id text NOT NULL,
+    stream text NOT NULL,
+    ts timestamp with time zone NOT NULL,
+    received_at timestamp with time zone DEFAULT now() NOT NULL,
+    line text NOT NULL
+);
+
+CREATE SEQUENCE public.instance_logs_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1;
+
+ALTER SEQUENCE public.instance_logs_id_seq OWNED BY public.instance_logs.id;
+
 CREATE TABLE public.leases (
     name text NOT NULL,
     holder text NOT NULL,
@@ -266,6 +289,8 @@ CREATE TABLE public.view_workloads (
 
 ALTER TABLE ONLY public.events ALTER COLUMN "position" SET DEFAULT nextval('public.events_position_seq'::regclass);
 
+ALTER TABLE ONLY public.instance_logs ALTER COLUMN id SET DEFAULT nextval('public.instance_logs_id_seq'::regclass);
+
 ALTER TABLE ONLY public.api_idempotency
     ADD CONSTRAINT api_idempotency_pkey PRIMARY KEY (token_id, key);
 
@@ -280,6 +305,9 @@ ALTER TABLE ONLY public.host_heartbeats
 
 ALTER TABLE ONLY public.idempotency_keys
     ADD CONSTRAINT idempotency_keys_pkey PRIMARY KEY (key);
+
+ALTER TABLE ONLY public.instance_logs
+    ADD CONSTRAINT instance_logs_pkey PRIMARY KEY (id);
 
 ALTER TABLE ONLY public.leases
     ADD CONSTRAINT leases_pkey PRIMARY KEY (name);
@@ -363,6 +391,8 @@ ALTER TABLE ONLY public.view_workloads
     ADD CONSTRAINT view_workloads_pkey PRIMARY KEY (app_id, env);
 
 CREATE INDEX events_xid_position_idx ON public.events USING btree (xid, "position");
+
+CREATE INDEX instance_logs_env_idx ON public.instance_logs USING btree (app_id, env, id);
 
 CREATE INDEX view_instances_env_idx ON public.view_instances USING btree (app_id, env);
 

@@ -11,7 +11,12 @@
  *
  * Run: forward SIGTERM/SIGINT/SIGPWR and the ACPI power button as the configured
  * kill signal (other catchable signals as themselves), SIGKILL after the kill
- * timeout, reap every zombie.  When the command exits, print
+ * timeout, reap every zombie.  Run the exec health checks on their schedule (as the
+ * command's user, env and workdir; SIGKILL at their timeout) and print each result
+ *     ember-init: check TOKEN I ok | fail DETAIL
+ * where TOKEN is the config drive's per-boot secret (whose device node is removed
+ * before the command starts), so the workload cannot forge a result.  When the
+ * command exits, print
  *     ember-init: exit status N
  * on the console (N = exit code, or 128 + signal number), then power off.
  * A platform failure prints "ember-init: boot failed: REASON" and powers off
@@ -56,6 +61,7 @@
 #define CONFIG_MAX (16u << 20)
 #define MAX_EVDEV 8
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#define CHECK_STARTUP_MS 1000 /* a check that never passed yet runs at least this often */
 
 extern char **environ;
 
@@ -119,6 +125,17 @@ struct mnt {
 	char *source, *target, *fstype, *options;
 };
 
+/* An exec health check: its config, then its run state (times: now_ms()). */
+struct check {
+	char **argv; /* NULL-terminated */
+	long interval_ms, timeout_ms;
+	long long next_ms; /* not running: when it starts next */
+	long long kill_ms; /* running: when it times out */
+	pid_t pid;         /* running: its process (and process group); else 0 */
+	int passed;        /* it passed at least once */
+	int timed_out;     /* running: SIGKILL sent at the timeout */
+};
+
 struct config {
 	char *hostname;
 	struct mnt root;
@@ -139,6 +156,9 @@ struct config {
 	char *secrets_path;
 	char *secrets_data;
 	size_t secrets_len;
+	struct check *checks;
+	size_t nchecks;
+	char *check_token;
 };
 
 static int hexval(int c)
@@ -195,6 +215,31 @@ static char *field_str(char *f, const char *key)
 	if (n < 0 || (size_t)n != strlen(f))
 		fail("config: bad encoding in '%s'", key);
 	return f;
+}
+
+/* The per-boot secret of the check lines: 16-128 of [A-Za-z0-9_-]. */
+static int valid_token(const char *s)
+{
+	size_t n = strspn(s, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-");
+	return n == strlen(s) && n >= 16 && n <= 128;
+}
+
+/* "check INTERVAL-MS TIMEOUT-MS ARGV": ARGV decodes to words each ended by a NUL. */
+static void parse_check(struct config *c, char **a, unsigned lineno)
+{
+	struct check k = {0};
+	k.interval_ms = parse_long(field_str(a[0], "check"), 100, 86400000L, "check interval");
+	k.timeout_ms = parse_long(field_str(a[1], "check"), 100, k.interval_ms, "check timeout");
+	long n = pct_decode(a[2]);
+	if (n <= 0 || a[2][n - 1] != '\0')
+		fail("config line %u: a check's command is words each ended by %%00", lineno);
+	size_t argc = 0;
+	for (char *w = a[2]; w < a[2] + n; w += strlen(w) + 1)
+		push(&k.argv, &argc, w);
+	if (!k.argv[0][0])
+		fail("config line %u: a check's program is empty", lineno);
+	c->checks = xrealloc(c->checks, (c->nchecks + 1) * sizeof *c->checks);
+	c->checks[c->nchecks++] = k;
 }
 
 static void parse_line(struct config *c, char *line, unsigned lineno)
@@ -280,6 +325,15 @@ static void parse_line(struct config *c, char *line, unsigned lineno)
 			fail("config line %u: bad encoding in 'secrets'", lineno);
 		c->secrets_data = a[1];
 		c->secrets_len = (size_t)n;
+	} else if (!strcmp(key, "check-token")) {
+		WANT(1);
+		if (!valid_token(a[0]))
+			fail("config line %u: bad check-token", lineno);
+		c->check_token = a[0];
+	} else if (!strcmp(key, "check")) {
+		if (nargs != 3)
+			fail("config line %u: 'check' takes 3 fields", lineno);
+		parse_check(c, a, lineno);
 	} else {
 		/* Forward compatibility: a newer agent may add keys an older init ignores. */
 		say("config line %u: ignoring unknown key '%s'", lineno, key);
@@ -317,6 +371,8 @@ static void parse_config(struct config *c, char *text)
 		fail("config: no 'end' line (truncated config drive?)");
 	if (!c->argc)
 		fail("config: no command ('arg' lines)");
+	if (c->nchecks && !c->check_token)
+		fail("config: 'check' lines need a 'check-token'");
 }
 
 /* Read a whole block device holding a config; NULL if it is not a config drive. */
@@ -361,8 +417,9 @@ static int by_name(const struct dirent **a, const struct dirent **b)
 	return strcmp((*a)->d_name, (*b)->d_name);
 }
 
-/* The config drive: the first virtio disk (by name) that starts with MAGIC. */
-static char *find_config(void)
+/* The config drive: the first virtio disk (by name) that starts with MAGIC; its
+ * device path goes to dev. */
+static char *find_config(char *dev, size_t cap)
 {
 	for (int attempt = 0; attempt < 500; attempt++) {
 		struct dirent **names;
@@ -370,8 +427,7 @@ static char *find_config(void)
 		char *found = NULL;
 		for (int i = 0; i < n; i++) {
 			if (!found && !strncmp(names[i]->d_name, "vd", 2)) {
-				char dev[300];
-				snprintf(dev, sizeof dev, "/dev/%s", names[i]->d_name);
+				snprintf(dev, cap, "/dev/%s", names[i]->d_name);
 				found = read_config_drive(dev);
 			}
 			free(names[i]);
@@ -891,8 +947,13 @@ static char **final_env(const struct config *c, const struct creds *cr)
 	return env;
 }
 
-static _Noreturn void exec_child(const struct config *c, const struct creds *cr, char **env)
+/* In a child of PID 1, before its exec: default signal dispositions, nothing blocked,
+ * a session (and process group) of its own, the command's user and working directory
+ * (exit 126 when that fails).  The check token stays with PID 1 alone. */
+static void become_workload(const struct config *c, const struct creds *cr)
 {
+	if (c->check_token)
+		explicit_bzero(c->check_token, strlen(c->check_token));
 	sigset_t none;
 	sigemptyset(&none);
 	for (int s = 1; s < NSIG; s++)
@@ -907,6 +968,11 @@ static _Noreturn void exec_child(const struct config *c, const struct creds *cr,
 		say("working directory %s: %s", c->workdir, strerror(errno));
 		_exit(126);
 	}
+}
+
+static _Noreturn void exec_child(const struct config *c, const struct creds *cr, char **env)
+{
+	become_workload(c, cr);
 	environ = env;
 	execvp(c->argv[0], c->argv);
 	int err = errno;
@@ -950,8 +1016,94 @@ static int power_button_pressed(int fd)
 	return 0;
 }
 
-/* Supervise the command; returns its wait status. */
-static int supervise(pid_t child, const struct config *c, struct pollfd *pfd, size_t nbuttons)
+/* -- exec health checks ------------------------------------------------------------ */
+
+static _Noreturn void check_child(const struct config *c, const struct check *k,
+				  const struct creds *cr, char **env)
+{
+	/* Its output is not the workload's: the console only gets the result line. */
+	int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+	if (null < 0 || dup2(null, 0) < 0 || dup2(null, 1) < 0 || dup2(null, 2) < 0)
+		_exit(126);
+	become_workload(c, cr);
+	environ = env;
+	execvp(k->argv[0], k->argv);
+	_exit(errno == ENOENT ? 127 : 126);
+}
+
+static void start_check(struct config *c, size_t i, const struct creds *cr, char **env,
+			long long now)
+{
+	struct check *k = &c->checks[i];
+	long every = k->passed || k->interval_ms < CHECK_STARTUP_MS ? k->interval_ms : CHECK_STARTUP_MS;
+	k->next_ms = now + every;
+	pid_t pid = fork();
+	if (pid < 0) {
+		say("check %s %zu fail fork failed: %s", c->check_token, i, strerror(errno));
+		return;
+	}
+	if (pid == 0)
+		check_child(c, k, cr, env);
+	k->pid = pid;
+	k->kill_ms = now + k->timeout_ms;
+	k->timed_out = 0;
+}
+
+/* A reaped process: when it is a running check, print its result. */
+static void check_done(struct config *c, pid_t pid, int st)
+{
+	for (size_t i = 0; i < c->nchecks; i++) {
+		struct check *k = &c->checks[i];
+		if (k->pid != pid)
+			continue;
+		k->pid = 0;
+		if (k->timed_out) {
+			say("check %s %zu fail timeout", c->check_token, i);
+		} else if (WIFEXITED(st) && WEXITSTATUS(st) == 0) {
+			k->passed = 1;
+			say("check %s %zu ok", c->check_token, i);
+		} else if (WIFSIGNALED(st)) {
+			say("check %s %zu fail signal %d", c->check_token, i, WTERMSIG(st));
+		} else {
+			say("check %s %zu fail status %d", c->check_token, i, WEXITSTATUS(st));
+		}
+		return;
+	}
+}
+
+/* Kill the checks past their timeout; start those due (none once stopping). */
+static void run_checks(struct config *c, const struct creds *cr, char **env, int stopping)
+{
+	long long now = now_ms();
+	for (size_t i = 0; i < c->nchecks; i++) {
+		struct check *k = &c->checks[i];
+		if (k->pid && !k->timed_out && now >= k->kill_ms) {
+			/* The group too (a shell's children); the pid itself in case the child
+			 * has not made its group yet. The result is printed once it is reaped. */
+			kill(-k->pid, SIGKILL);
+			kill(k->pid, SIGKILL);
+			k->timed_out = 1;
+		} else if (!k->pid && !stopping && now >= k->next_ms) {
+			start_check(c, i, cr, env, now);
+		}
+	}
+}
+
+/* The next time run_checks has something to do, or `wake` if that is earlier (-1: none). */
+static long long next_check_ms(const struct config *c, long long wake, int stopping)
+{
+	for (size_t i = 0; i < c->nchecks; i++) {
+		const struct check *k = &c->checks[i];
+		long long at = k->pid ? (k->timed_out ? -1 : k->kill_ms) : (stopping ? -1 : k->next_ms);
+		if (at >= 0 && (wake < 0 || at < wake))
+			wake = at;
+	}
+	return wake;
+}
+
+/* Supervise the command and run the checks; returns the command's wait status. */
+static int supervise(pid_t child, struct config *c, const struct creds *cr, char **env,
+		     struct pollfd *pfd, size_t nbuttons)
 {
 	sigset_t all;
 	sigfillset(&all);
@@ -961,11 +1113,15 @@ static int supervise(pid_t child, const struct config *c, struct pollfd *pfd, si
 	pfd[nbuttons] = (struct pollfd){.fd = sfd, .events = POLLIN};
 	long long deadline = -1;
 	int stopping = 0, status = 0, exited = 0;
+	for (size_t i = 0; i < c->nchecks; i++)
+		c->checks[i].next_ms = now_ms(); /* the first run right away */
+	run_checks(c, cr, env, stopping);
 
 	while (!exited) {
 		int timeout = -1;
-		if (deadline >= 0) {
-			long long left = deadline - now_ms();
+		long long wake = next_check_ms(c, deadline, stopping);
+		if (wake >= 0) {
+			long long left = wake - now_ms();
 			timeout = left < 0 ? 0 : (int)(left > INT_MAX ? INT_MAX : left);
 		}
 		int n = poll(pfd, nbuttons + 1, timeout);
@@ -981,11 +1137,14 @@ static int supervise(pid_t child, const struct config *c, struct pollfd *pfd, si
 			if (sig == SIGCHLD) {
 				int st;
 				pid_t p;
-				while ((p = waitpid(-1, &st, WNOHANG)) > 0)
+				while ((p = waitpid(-1, &st, WNOHANG)) > 0) {
 					if (p == child) {
 						status = st;
 						exited = 1;
+					} else {
+						check_done(c, p, st);
 					}
+				}
 			} else if (sig == SIGTERM || sig == SIGINT || sig == SIGPWR) {
 				stop = 1;
 			} else if (sig != SIGKILL && sig != SIGSTOP && sig != SIGTTIN && sig != SIGTTOU &&
@@ -1004,6 +1163,8 @@ static int supervise(pid_t child, const struct config *c, struct pollfd *pfd, si
 			kill(child, SIGKILL);
 			deadline = -1;
 		}
+		if (!exited)
+			run_checks(c, cr, env, stopping);
 	}
 	close(sfd);
 	return status;
@@ -1086,7 +1247,8 @@ int main(void)
 		power_off();
 	}
 
-	char *text = find_config();
+	char config_dev[300];
+	char *text = find_config(config_dev, sizeof config_dev);
 	struct config c;
 	parse_config(&c, text);
 
@@ -1106,6 +1268,10 @@ int main(void)
 
 	switch_root();
 	finish_dev();
+	/* The workload has no business reading the config drive (devtmpfs makes the node
+	 * root-only; without it even root must know to mknod): it holds the check token. */
+	if (unlink(config_dev))
+		say("warning: remove %s: %s", config_dev, strerror(errno));
 	write_resolv_conf(&c);
 
 	struct creds cr;
@@ -1122,7 +1288,7 @@ int main(void)
 	if (child == 0)
 		exec_child(&c, &cr, env);
 
-	int status = supervise(child, &c, pfd, nbuttons);
+	int status = supervise(child, &c, &cr, env, pfd, nbuttons);
 	reap_all();
 	unmount_all(&c);
 	if (WIFSIGNALED(status))

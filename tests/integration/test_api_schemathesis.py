@@ -224,6 +224,9 @@ def valid_body(method: str, path: str, world: World) -> dict[str, Any] | None:
             "host_id": FUZZ_HOST,
             "state": "starting",
         },
+        ("POST", "/v1/hosts/{host_id}/instances/{instance_id}/logs"): {
+            "lines": [{"ts": "2026-11-27T11:00:00Z", "line": "fuzzed"}]
+        },
         ("POST", "/v1/orgs/{org}/apps/{app}/envs/{env}/routes"): FUZZ_ROUTE,
         ("POST", "/v1/orgs/{org}/ips"): {"family": "ipv4"},
         ("POST", "/v1/hosts/enrollment-tokens"): {"expires_in_s": 600},

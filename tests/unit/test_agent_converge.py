@@ -18,7 +18,10 @@ from ember.agent.converge import (
     Stop,
     plan,
 )
+from ember.agent.health import Verdict
 from ember.agent.state import AgentState, InstanceRecord, StateInvalid, StateStore
+
+HEALTHY, UNHEALTHY = Verdict.HEALTHY, Verdict.UNHEALTHY
 
 SPEC = {"repository": "o/a", "image_digest": "sha256:" + "a" * 64, "kill_timeout_s": 7}
 
@@ -51,15 +54,76 @@ def test_a_running_vm_is_reported_starting_with_its_address_once() -> None:
 
 
 def test_a_passed_health_check_is_reported_healthy() -> None:
-    local = {"i1": vm(address="fd00::5", healthy=True, reported="starting")}
+    local = {"i1": vm(address="fd00::5", health=HEALTHY, reported="starting")}
     assert plan([alloc(state="starting")], local) == [Report("i1", "healthy", address="fd00::5")]
     # straight from assigned when the check passed before the first report
-    first = {"i1": vm(address="fd00::5", healthy=True)}
+    first = {"i1": vm(address="fd00::5", health=HEALTHY)}
     assert plan([alloc()], first) == [Report("i1", "healthy", address="fd00::5")]
 
 
+def test_an_unhealthy_verdict_is_reported_with_the_failing_check_once() -> None:
+    why = "tcp check on port 8080 failed 3 times in a row: connection refused"
+    local = {"i1": vm(address="fd00::5", health=UNHEALTHY, health_reason=why)}
+    expected = [Report("i1", "unhealthy", reason=why)]
+    assert plan([alloc(state="healthy")], local) == expected
+    assert plan([alloc(state="starting")], local) == expected  # never healthy so far
+    sent = {"i1": vm(health=UNHEALTHY, health_reason=why, reported="unhealthy")}
+    assert plan([alloc(state="healthy")], sent) == []  # the allocations lag behind
+    assert plan([alloc(state="unhealthy")], sent) == []
+
+
+def test_an_unhealthy_instance_not_known_to_run_is_reported_starting_first() -> None:
+    # an unhealthy report carries no address: starting (with it) comes first
+    local = {"i1": vm(address="fd00::5", health=UNHEALTHY, health_reason="x")}
+    assert plan([alloc()], local) == [Report("i1", "starting", address="fd00::5")]
+    local = {"i1": vm(address="fd00::5", health=UNHEALTHY, reported="starting")}
+    assert plan([alloc()], local) == []
+    assert plan([alloc(state="starting")], local) == [Report("i1", "unhealthy")]
+
+
+def test_healthy_unhealthy_healthy_reports_each_transition_once() -> None:
+    vm_ = vm(address="fd00::5", health=HEALTHY, reported="starting")
+    a = alloc(state="starting")
+    seen: list[Report] = []
+    for health, reason in [(HEALTHY, ""), (UNHEALTHY, "down"), (HEALTHY, ""), (HEALTHY, "")]:
+        vm_ = LocalVm(
+            "i1",
+            LocalStatus.RUNNING,
+            health=health,
+            health_reason=reason,
+            reported=vm_.reported,
+            address="fd00::5",
+        )
+        for _ in range(3):  # the plan runs again before and after the allocation catches up
+            actions = plan([a], {"i1": vm_})
+            for action in actions:
+                assert isinstance(action, Report)
+                seen.append(action)
+                vm_ = LocalVm(
+                    "i1",
+                    LocalStatus.RUNNING,
+                    health=health,
+                    health_reason=reason,
+                    reported=action.state,
+                    address="fd00::5",
+                )
+            a = Allocation("i1", vm_.reported or a.state, "run", SPEC)
+    assert seen == [
+        Report("i1", "healthy", address="fd00::5"),
+        Report("i1", "unhealthy", reason="down"),
+        Report("i1", "healthy", address="fd00::5"),
+    ]
+
+
+def test_a_stopping_or_terminal_instance_gets_no_health_reports() -> None:
+    local = {"i1": vm(health=UNHEALTHY, stop_requested=True)}
+    assert plan([alloc(state="healthy")], local) == []
+    (action,) = plan([alloc(state="stopping", desired="stop")], {"i1": vm(health=UNHEALTHY)})
+    assert isinstance(action, Stop)
+
+
 def test_a_converged_host_yields_nothing() -> None:
-    local = {"i1": vm(healthy=True, reported="healthy"), "i2": vm("i2", healthy=False)}
+    local = {"i1": vm(health=HEALTHY, reported="healthy"), "i2": vm("i2")}
     allocs = [alloc(state="healthy"), alloc("i2", state="starting")]
     assert plan(allocs, local) == []
     assert plan(allocs, local) == []  # idempotent
@@ -73,7 +137,7 @@ def test_a_restarted_agent_adopting_three_running_vms_starts_and_stops_nothing()
 
 
 def test_a_healthy_instance_is_never_reported_starting_again() -> None:
-    assert plan([alloc(state="healthy")], {"i1": vm(healthy=False)}) == []
+    assert plan([alloc(state="healthy")], {"i1": vm()}) == []
 
 
 def test_desired_stop_stops_the_running_vm_with_the_kill_timeout() -> None:
@@ -184,9 +248,36 @@ def test_state_round_trips_atomically(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["nope", "[]", '{"version": 2}', '{"version": 1, "instances": {"i": {"status": "zz"}}}'],
+    [
+        "nope",
+        "[]",
+        '{"version": 2}',
+        '{"version": 1, "instances": {"i": {"status": "zz"}}}',
+        '{"version": 1, "instances": {"i": {"instance_id": "i", "vm_id": "i", "health": "meh"}}}',
+    ],
 )
 def test_a_bad_state_file_is_refused(tmp_path: Path, text: str) -> None:
     (tmp_path / "state.json").write_text(text)
     with pytest.raises(StateInvalid):
         StateStore(tmp_path).load()
+
+
+def test_health_and_the_check_token_survive_a_restart(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    rec = InstanceRecord(
+        "i1", "i1", health=UNHEALTHY, health_reason="exec check 'x' failed", check_token="t" * 32
+    )
+    store.save(AgentState().with_instance(rec))
+    assert json.loads(store.path.read_text())["instances"]["i1"]["health"] == "unhealthy"
+    assert store.load().instances["i1"] == rec
+    assert rec.local_vm().health is UNHEALTHY
+    assert rec.local_vm().health_reason == "exec check 'x' failed"
+
+
+def test_a_record_of_an_older_agent_keeps_its_healthy_flag(tmp_path: Path) -> None:
+    old = {"instance_id": "i1", "vm_id": "i1", "status": "running", "healthy": True}
+    (tmp_path / "state.json").write_text(json.dumps({"version": 1, "instances": {"i1": old}}))
+    assert StateStore(tmp_path).load().instances["i1"].health is HEALTHY
+    old["healthy"] = False
+    (tmp_path / "state.json").write_text(json.dumps({"version": 1, "instances": {"i1": old}}))
+    assert StateStore(tmp_path).load().instances["i1"].health is None

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ember.agent.converge import Allocation
-from ember.agent.daemon import Agent, AgentConfig, HealthTarget, _hostname, health_targets
+from ember.agent.daemon import Agent, AgentConfig, _hostname
 from ember.agent.guest_config import parse
+from ember.agent.health import Check, Result, checks_of
 from ember.agent.net.addressing import AddressPlan, HostLocalAllocator, Lease, LeaseTable
 from ember.agent.oci.store import PreparedImage, RuntimeConfig, Timings
 from ember.agent.state import StateStore
@@ -84,8 +85,10 @@ class FakeNetwork:
     def __init__(self) -> None:
         self.allocator = HostLocalAllocator(LeaseTable(AddressPlan.for_host("h1")))
         self.detached: list[str] = []
+        self.attached: list[tuple[str, str]] = []
 
     def attach(self, instance_id: str, group: str) -> Lease:
+        self.attached.append((instance_id, group))
         return self.allocator.allocate(instance_id)
 
     def detach(self, instance_id: str) -> None:
@@ -93,12 +96,22 @@ class FakeNetwork:
         self.allocator.release(instance_id)
 
 
+class FakeClock:
+    """Wall-clock seconds that move only when a test (or :func:`converge`) says so."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def make(tmp_path: Path, driver: FakeDriver, control: FakeControl, healthy: list[bool]) -> Agent:
     rootfs = tmp_path / "image.ext4"
     rootfs.write_bytes(b"\0" * 4096)
 
-    def health(address: str, targets: Sequence[HealthTarget], timeout: float) -> bool:
-        return healthy[0]
+    def health(address: str, check: Check) -> Result:
+        return Result(True) if healthy[0] else Result(False, "connection refused")
 
     config = AgentConfig("h1", tmp_path / "vmlinux", None, "console=ttyS0", 4, 4096)
     return Agent(
@@ -109,11 +122,16 @@ def make(tmp_path: Path, driver: FakeDriver, control: FakeControl, healthy: list
         images=FakeImages(rootfs),
         network=FakeNetwork(),
         health=health,
+        clock=FakeClock(),
     )
 
 
-def converge(agent: Agent, passes: int = 4) -> None:
+def converge(agent: Agent, passes: int = 4, tick_s: float = 1.0) -> None:
+    """``passes`` steps, each after the previous one's work and probes finished, with
+    the fake clock ``tick_s`` later."""
     for _ in range(passes):
+        assert isinstance(agent.clock, FakeClock)
+        agent.clock.now += tick_s
         agent.step()
         agent.wait_idle(10)
 
@@ -154,6 +172,27 @@ def test_start_health_stop_and_restart_adoption(tmp_path: Path) -> None:
     again.close()
 
 
+def test_adopted_vms_rejoin_the_host_network_before_it_changes(tmp_path: Path) -> None:
+    """The firewall is rendered from the host network's bookkeeping as a whole: an adopted
+    VM must be back in it, in its allocation's group, before a new instance is attached
+    (that attach would otherwise cut the adopted VM off)."""
+    control, driver = FakeControl(), FakeDriver()
+    control.allocs["i1"] = Allocation("i1", "assigned", "run", SPEC, "app-a", "web")
+    agent = make(tmp_path, driver, control, [True])
+    converge(agent)
+    agent.close()
+    again = make(tmp_path, driver, control, [True])
+    network = again.network
+    assert isinstance(network, FakeNetwork)
+    assert again.adopt() == ["i1"]
+    control.allocs["i2"] = Allocation("i2", "assigned", "run", SPEC, "app-b", "web")
+    converge(again)
+    assert network.attached[0] == ("i1", "app-a")
+    assert sorted(set(network.attached)) == [("i1", "app-a"), ("i2", "app-b")]
+    assert len(driver.starts) == 2  # i2 only: i1 was adopted, not restarted
+    again.close()
+
+
 def test_a_vm_exiting_on_its_own_is_reported_failed(tmp_path: Path) -> None:
     control, driver = FakeControl(), FakeDriver()
     control.allocs["i1"] = Allocation("i1", "assigned", "run", SPEC, "app", "web")
@@ -166,13 +205,16 @@ def test_a_vm_exiting_on_its_own_is_reported_failed(tmp_path: Path) -> None:
     agent.close()
 
 
-def test_health_targets_take_the_process_checks() -> None:
+def test_the_checks_are_the_process_s_own() -> None:
     services = [
         {"process": "web", "internal_port": 80, "checks": [{"type": "http", "path": "/up"}]},
         {"process": "worker", "internal_port": 81, "checks": [{"type": "tcp"}]},
         {"process": "web", "internal_port": 82, "checks": [{"type": "exec", "command": ["x"]}]},
     ]
-    assert health_targets(services, "web") == [HealthTarget(80, "http", "/up")]
+    assert checks_of(services, "web") == (
+        Check("http", 80, "/up"),
+        Check("exec", 82, command=("x",)),
+    )
 
 
 def test_the_guest_hostname_is_a_dns_label_even_for_real_instance_ids() -> None:

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from ember.cli.exits import Exit, exit_code_for
+from ember.cli.exits import Exit, InvalidArgument, exit_code_for
 from ember.cli.rollout import RolloutFailed, _timed_out, judge, progress_text
-from ember.cli.workloads import InvalidScaleArgument, ago, parse_memory, parse_scale
+from ember.cli.workloads import ago, parse_memory, parse_scale
 from ember.main import main
 from ember.wire import workloads as ww
 
@@ -51,7 +51,7 @@ def test_memory_sizes(text: str, mb: int) -> None:
 def test_bad_arguments_are_refused_naming_the_argument(
     args: list[str], memory: str | None, argument: str, words: str
 ) -> None:
-    with pytest.raises(InvalidScaleArgument) as info:
+    with pytest.raises(InvalidArgument) as info:
         parse_scale(args, memory)
     assert info.value.detail == {"field": "PROCESS", "argument": argument}
     assert repr(argument) in info.value.message and words in info.value.message
@@ -59,10 +59,10 @@ def test_bad_arguments_are_refused_naming_the_argument(
 
 
 def test_nothing_to_scale_and_a_bad_memory_size_are_usage_errors() -> None:
-    with pytest.raises(InvalidScaleArgument) as nothing:
+    with pytest.raises(InvalidArgument) as nothing:
         parse_scale([], None)
     assert nothing.value.detail == {"field": "PROCESS"}
-    with pytest.raises(InvalidScaleArgument) as size:
+    with pytest.raises(InvalidArgument) as size:
         parse_scale(["web"], "lots")
     assert size.value.detail == {"field": "--memory", "argument": "lots"}
 

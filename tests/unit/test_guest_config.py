@@ -11,6 +11,9 @@ from hypothesis import strategies as st
 from ember.agent.guest_config import (
     BLOCK_SIZE,
     MAGIC,
+    CheckLine,
+    ConsoleCursor,
+    GuestCheck,
     GuestConfig,
     GuestConfigInvalid,
     Mount,
@@ -18,7 +21,9 @@ from ember.agent.guest_config import (
     Secrets,
     device_for_drive,
     parse,
+    parse_check_line,
     parse_console_status,
+    read_console,
     render,
     write_config_drive,
 )
@@ -41,7 +46,13 @@ FULL = GuestConfig(
     ),
     mounts=(Mount("/dev/vdc", "/data", "ext4", "rw,noatime"),),
     secrets=Secrets("/run/secrets/env", b"A=1\nB=%2\x00\xff\n"),
+    checks=(
+        GuestCheck(("pg_isready", "-h", "::1"), interval_s=10, timeout_s=2),
+        GuestCheck(("sh", "-c", "test -f /tmp/ok", ""), interval_s=1.5, timeout_s=0.25),
+    ),
+    check_token="3f1c0a9e6b2d4c8f3f1c0a9e6b2d4c8f",
 )
+TOKEN = "3f1c0a9e6b2d4c8f3f1c0a9e6b2d4c8f"
 
 
 def lines(config: GuestConfig) -> list[str]:
@@ -73,6 +84,9 @@ def test_the_document_is_the_spec_s_example_shape() -> None:
         "kill-signal 2",
         "kill-timeout-ms 2500",
         "secrets /run/secrets/env A=1%0AB=%252%00%FF%0A",
+        "check-token 3f1c0a9e6b2d4c8f3f1c0a9e6b2d4c8f",
+        "check 10000 2000 pg_isready%00-h%00::1%00",
+        "check 1500 250 sh%00-c%00test%20-f%20/tmp/ok%00%00",
         "end",
     ]
 
@@ -109,15 +123,18 @@ texts = st.text(st.characters(codec="utf-8", exclude_characters="\0"))
     env=st.dictionaries(texts.filter(lambda k: k != "" and "=" not in k), texts, max_size=5),
     secret=st.binary(max_size=200),
     user=texts,
+    check=st.lists(texts, min_size=1, max_size=4).filter(lambda a: a[0] != ""),
 )
 def test_any_text_and_bytes_survive_the_round_trip(
-    argv: list[str], env: dict[str, str], secret: bytes, user: str
+    argv: list[str], env: dict[str, str], secret: bytes, user: str, check: list[str]
 ) -> None:
     config = GuestConfig(
         argv=tuple(argv),
         env=tuple(env.items()),
         user=user,
         secrets=Secrets("/run/s/f", secret),
+        checks=(GuestCheck(tuple(check), 1, 1),),
+        check_token="a" * 16,
     )
     data = render(config)
     body = data.rstrip(b"\0")
@@ -162,6 +179,17 @@ def test_env_from_accepts_mappings_and_oci_lists_later_keys_win() -> None:
         ({"network": Network(ipv6="fd00::2/64", mtu=1000)}, "network.mtu"),
         ({"network": Network(ipv4="10.0.0.2/24", mtu=70000)}, "network.mtu"),
         ({"network": Network(ipv4="10.0.0.2/24", nameservers=("dns",))}, "network.nameservers"),
+        ({"checks": (GuestCheck(("true",)),)}, "check_token"),
+        ({"check_token": "short"}, "check_token"),
+        ({"check_token": "a" * 15 + " "}, "check_token"),
+        ({"check_token": "a" * 129}, "check_token"),
+        ({"check_token": "a" * 16 + "\n"}, "check_token"),
+        ({"checks": (GuestCheck(()),), "check_token": TOKEN}, "checks[0]"),
+        ({"checks": (GuestCheck(("",)),), "check_token": TOKEN}, "checks[0]"),
+        ({"checks": (GuestCheck(("a\0b",)),), "check_token": TOKEN}, "checks[0]"),
+        ({"checks": (GuestCheck(("x",), 1, 2),), "check_token": TOKEN}, "checks[0]"),
+        ({"checks": (GuestCheck(("x",), 0.05, 0.05),), "check_token": TOKEN}, "checks[0]"),
+        ({"checks": (GuestCheck(("x",), 1, 0),), "check_token": TOKEN}, "checks[0]"),
     ],
 )
 def test_bad_configs_are_refused_naming_the_field(change: dict[str, object], field: str) -> None:
@@ -197,6 +225,9 @@ def test_a_config_drive_over_the_limit_is_refused() -> None:
         (MAGIC + b"arg %+1\nend\n", "escape"),
         (MAGIC + b"arg x\nmtu big\nend\n", "line 3"),
         (MAGIC + b"end\n", "command"),
+        (MAGIC + b"arg x\ncheck 1000 500 true\nend\n", "NUL"),
+        (MAGIC + b"arg x\ncheck 1000 true%00\nend\n", "takes 3"),
+        (MAGIC + b"arg x\ncheck soon 500 true%00\nend\n", "line 3"),
     ],
 )
 def test_parse_refuses_what_the_init_refuses(data: bytes, message: str) -> None:
@@ -244,3 +275,71 @@ def test_write_config_drive_is_private_and_atomic(tmp_path) -> None:  # type: ig
     with pytest.raises(GuestConfigInvalid):
         write_config_drive(GuestConfig(argv=()), path)
     assert path.read_bytes() == render(FULL)  # a refused config changes nothing
+
+
+# -- exec check results on the console ---------------------------------------------------------
+
+
+def test_check_lines_carry_the_boot_s_token() -> None:
+    assert parse_check_line(f"ember-init: check {TOKEN} 0 ok\r", TOKEN) == CheckLine(0, True)
+    assert parse_check_line(f"ember-init: check {TOKEN} 12 fail status 1\r", TOKEN) == CheckLine(
+        12, False, "status 1"
+    )
+    assert parse_check_line(
+        f"partial output ember-init: check {TOKEN} 1 fail timeout", TOKEN
+    ) == CheckLine(1, False, "timeout")
+    forged = [
+        f"ember-init: check {'0' * 32} 0 ok",  # the workload guessing
+        f"ember-init: check {TOKEN[:-1]} 0 ok",
+        f"ember-init: check {TOKEN}x 0 ok",
+        f"ember-init: check 0 ok {TOKEN}",
+        f"ember-init: check {TOKEN} zero ok",
+        "ember-init: exit status 0",
+    ]
+    assert [parse_check_line(line, TOKEN) for line in forged] == [None] * len(forged)
+    assert parse_check_line("ember-init: check  0 ok", "") is None  # no token, no results
+    # The workload's unfinished look-alike glued before the init's line hides nothing.
+    glued = f"ember-init: check {'0' * 32} 0 fail xember-init: check {TOKEN} 1 fail status 3"
+    assert parse_check_line(glued, TOKEN) == CheckLine(1, False, "status 3")
+    assert parse_check_line(f"ember-init: check é{TOKEN} 0 ok", TOKEN) is None
+
+
+def test_read_console_returns_whole_lines_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    log = tmp_path / "console.log"
+    assert read_console(log, ConsoleCursor()) == ([], ConsoleCursor())  # not there yet
+    log.write_bytes(b"one\r\ntw")
+    lines, cur = read_console(log, ConsoleCursor())
+    assert lines == ["one"]
+    assert read_console(log, cur) == ([], cur)  # nothing new
+    with log.open("ab") as f:
+        f.write(b"o\nthree\n")
+    lines, cur = read_console(log, cur)
+    assert lines == ["two", "three"]
+    assert cur.offset == log.stat().st_size
+    assert ConsoleCursor.at_end(log) == ConsoleCursor(log.stat().st_ino, log.stat().st_size)
+
+
+def test_read_console_follows_a_rotation_and_starts_over_after_truncation(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    log = tmp_path / "console.log"
+    log.write_bytes(b"a\nb")
+    _, cur = read_console(log, ConsoleCursor())
+    with log.open("ab") as f:
+        f.write(b"c\nlost? no\n")
+    log.rename(tmp_path / "console.log.1")  # what qemu_shim.CappedLog does at its cap
+    log.write_bytes(b"new\n")
+    lines, cur = read_console(log, cur)
+    assert lines == ["bc", "lost? no", "new"]
+    log.write_bytes(b"x\n")  # replaced by a shorter file with the same name and inode
+    lines, cur = read_console(log, cur)
+    assert lines == ["x"]
+
+
+def test_read_console_reads_at_most_the_limit_per_call(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    log = tmp_path / "console.log"
+    log.write_bytes(b"0123456789\n" * 10)
+    seen: list[str] = []
+    cur = ConsoleCursor()
+    for _ in range(20):
+        lines, cur = read_console(log, cur, limit=25)
+        seen += lines
+    assert seen == ["0123456789"] * 10

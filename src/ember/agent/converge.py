@@ -13,15 +13,18 @@ reported) and returns what to do, in order:
   or whose instance the control plane already wrote off (terminal state): :class:`Stop`;
 - observed transitions, each reported once (``LocalVm.reported`` suppresses a repeat
   while the allocations have not caught up yet): a running VM → ``starting`` (with its
-  address); its health check passed → ``healthy``; an exited VM → ``stopped`` when a stop
+  address); its health verdict (:mod:`ember.agent.health`) → ``healthy`` (with its
+  address) or, once the control plane knows it started, ``unhealthy`` (with the failing
+  check), and back, as often as the verdict flips; an exited VM → ``stopped`` when a stop
   was asked for (by the allocation or by the agent), else ``failed`` with its exit code;
 - an exited or never-started VM whose instance is terminal or no longer allocated:
   :class:`Forget` (release its address, tap and record).
 
-Reports only move forward (a restarted agent that has not re-run a health check does not
-report ``starting`` for a ``healthy`` instance), so a converged host yields no action at
-all: the plan is idempotent, and an agent restarted with its VMs running (adopted before
-the first plan) neither starts nor stops anything.
+Apart from healthy ⇄ unhealthy, reports only move forward (a restarted agent that has not
+re-run a health check does not report ``starting`` for a ``healthy`` instance), and a
+report repeats neither the allocation's state nor the last report, so a converged host
+yields no action at all: the plan is idempotent, and an agent restarted with its VMs
+running (adopted before the first plan) neither starts nor stops anything.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import dataclasses
 import enum
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from ember.agent.health import Verdict
 
 __all__ = [
     "Action",
@@ -84,8 +89,10 @@ class LocalVm:
     instance_id: str
     status: LocalStatus
     exit_code: int | None = None
-    healthy: bool = False
-    """The spec's health checks passed (or it has none) since the VM started."""
+    health: Verdict | None = None
+    """The health checks' verdict (:mod:`ember.agent.health`); ``None`` before the first."""
+    health_reason: str = ""
+    """Why it is unhealthy (the failing check)."""
     stop_requested: bool = False
     """The agent asked the VM to stop (so its exit is ``stopped``, not ``failed``)."""
     reported: str | None = None
@@ -166,8 +173,16 @@ def _running(vm: LocalVm, alloc: Allocation) -> list[Action]:
         return [Stop(vm.instance_id, _kill_timeout(alloc), "stop requested")]
     if alloc.state in TERMINAL:
         return [Stop(vm.instance_id, _kill_timeout(alloc), f"instance is {alloc.state}")]
-    if vm.healthy and alloc.state in ("pending", "assigned", "starting", "unhealthy"):
+    return _health_report(vm, alloc)
+
+
+def _health_report(vm: LocalVm, alloc: Allocation) -> list[Action]:
+    if vm.health is Verdict.HEALTHY and alloc.state in (*NOT_STARTED, "starting", "unhealthy"):
         return _report(vm, alloc, "healthy", address=vm.address)
+    # An unhealthy report carries no address: the control plane learns it from
+    # ``starting`` first (below), then hears ``unhealthy``.
+    if vm.health is Verdict.UNHEALTHY and alloc.state in ("starting", "healthy"):
+        return _report(vm, alloc, "unhealthy", reason=vm.health_reason)
     if alloc.state in NOT_STARTED:
         return _report(vm, alloc, "starting", address=vm.address)
     return []

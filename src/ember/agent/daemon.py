@@ -1,22 +1,31 @@
-"""The host agent's loop: enroll, heartbeat, poll allocations, converge, report.
+"""The host agent's loop: enroll, heartbeat, watch allocations, converge, report.
 
-Synchronous: :meth:`Agent.step` observes the VMs (``driver.status``), runs the health
-checks of running VMs that are not healthy yet, lists the allocations, computes
+Synchronous: :meth:`Agent.step` observes the VMs (``driver.status``) and their health,
+takes the desired allocations, computes
 :func:`ember.agent.converge.plan` and executes it. Slow work — preparing an image,
 creating the tap, writing the config drive and starting the VMM; stopping a VM — runs on a
 small thread pool; while it runs the instance is ``preparing`` (or ``stop_requested``),
 which the plan leaves alone, so nothing is started or stopped twice.
 
-The allocations are *polled* (``GET /v1/hosts/{id}/allocations`` every ``poll_s``): the
-control plane has no watch endpoint for allocations yet (list + watch with a cursor and
-re-list on 410 is the issue's goal; the cursor is already in the list's answer).
+The allocations come by list + watch (:mod:`ember.agent.watch`): a thread lists them,
+then long-polls the watch from the list's cursor, and lists again on 410 or after an
+error. :meth:`Agent.run` steps every ``poll_s`` (observing VMs and health needs a
+cadence of its own) and at once when the watch reports a change, so a placement reaches
+:meth:`Agent.step` in milliseconds. Until the first list answers, it only observes.
 
 Local state (:mod:`ember.agent.state`) is saved after every change; on start-up
 :meth:`Agent.adopt` asks the driver to adopt the VM of every recorded instance, so a
 restarted agent neither duplicates nor orphans VMs.
 
-Not yet: the ``exec`` health check (counted as passing), ``unhealthy`` reports after a
-VM was healthy, per-org firewall grouping (the allocation carries no org: instances are
+Health (:mod:`ember.agent.health`): every running instance's checks run on their own
+schedule for as long as it runs. tcp and http checks are probes from the host on a small
+pool of their own (``check_workers``), so a slow check never holds up converging; exec
+checks run inside the guest (the platform init, config drive ``check`` lines) and their
+results are read from the console log, trusted only with the instance's per-boot
+``check_token``. A changed verdict is recorded and reported by the plan: ``healthy`` ⇄
+``unhealthy``, each transition once.
+
+Not yet: per-org firewall grouping (the allocation carries no org: instances are
 grouped by app, which is stricter), secrets and volumes on the config drive.
 """
 
@@ -29,6 +38,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -50,15 +60,27 @@ from ember.agent.converge import (
     Stop,
     plan,
 )
-from ember.agent.guest_config import GuestConfig, Network, write_config_drive
+from ember.agent.guest_config import (
+    ConsoleCursor,
+    GuestCheck,
+    GuestConfig,
+    Network,
+    parse_check_line,
+    read_console,
+    write_config_drive,
+)
+from ember.agent.health import Check, InstanceHealth, Result, checks_of
+from ember.agent.logship import LogShipper
 from ember.agent.net.addressing import HostLocalAllocator, Lease
 from ember.agent.net.firewall import Endpoint, Firewall
 from ember.agent.net.taps import TapNetwork
 from ember.agent.oci.store import PreparedImage
 from ember.agent.state import AgentState, InstanceRecord, StateStore
 from ember.agent.vmm.base import Drive, NetDevice, VmmDriver, VmNotFound, VmSpec, VmState
-from ember.core.errors import Unavailable, ValidationFailed
+from ember.agent.watch import AllocationChange, AllocationSource, AllocationWatch, changes_of
+from ember.core.errors import EmberError, Unavailable, ValidationFailed
 from ember.core.instances import InstanceSpec
+from ember.wire.logs import LogShipLine
 
 log = logging.getLogger("ember.agent")
 
@@ -79,12 +101,10 @@ __all__ = [
     "Agent",
     "AgentConfig",
     "ControlPlane",
-    "HealthTarget",
     "HostNetwork",
     "TapHostNetwork",
     "build_guest_config",
-    "check_health",
-    "health_targets",
+    "probe",
 ]
 
 
@@ -92,6 +112,10 @@ __all__ = [
 
 
 class ControlPlane(Protocol):
+    """The control plane's agent routes. One that is also an
+    :class:`~ember.agent.watch.AllocationSource` (list + watch, as ClientControlPlane) is
+    watched; another (a file, in the boot benchmark) is listed on every step."""
+
     def heartbeat(self, host_id: str, report: Mapping[str, Any]) -> None: ...
 
     def allocations(self, host_id: str) -> list[Allocation]: ...
@@ -106,6 +130,10 @@ class ControlPlane(Protocol):
         reason: str,
         address: str | None,
     ) -> None: ...
+
+    def ship_logs(self, host_id: str, instance_id: str, lines: Sequence[LogShipLine]) -> None:
+        """Post console lines of an instance on this host (ember.agent.logship)."""
+        ...
 
 
 class Images(Protocol):
@@ -163,32 +191,18 @@ class TapHostNetwork:
 # -- pure helpers ----------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class HealthTarget:
-    port: int
-    type: str = "tcp"  # tcp | http | exec
-    path: str = "/"
-
-
-def health_targets(services: Sequence[Mapping[str, Any]], process: str) -> list[HealthTarget]:
-    """The checks of ``process``'s services (an exec check is skipped: not supported yet)."""
-    out: list[HealthTarget] = []
-    for svc in services:
-        if process and svc.get("process", process) != process:
-            continue
-        port = int(svc["internal_port"])
-        for check in svc.get("checks") or []:
-            kind = str(check.get("type", "tcp"))
-            if kind in ("tcp", "http"):
-                out.append(HealthTarget(port, kind, str(check.get("path") or "/")))
-    return out
-
-
 def build_guest_config(
-    spec: InstanceSpec, image: PreparedImage, network: Network | None, hostname: str | None
+    spec: InstanceSpec,
+    image: PreparedImage,
+    network: Network | None,
+    hostname: str | None,
+    *,
+    checks: Sequence[Check] = (),
+    check_token: str | None = None,
 ) -> GuestConfig:
     """The config drive of an instance: the spec's command, else the image's Entrypoint +
-    Cmd; the image's Env overridden by the spec's; the image's User and WorkingDir."""
+    Cmd; the image's Env overridden by the spec's; the image's User and WorkingDir; the
+    ``exec`` ones of ``checks`` for the init to run, with ``check_token``."""
     cfg = image.config
     argv = tuple(spec.command) if spec.command else (*(cfg.entrypoint or ()), *(cfg.cmd or ()))
     return GuestConfig(
@@ -200,6 +214,10 @@ def build_guest_config(
         kill_signal=spec.kill_signal,
         kill_timeout_s=spec.kill_timeout_s,
         network=network,
+        checks=tuple(
+            GuestCheck(c.command, c.interval_s, c.timeout_s) for c in checks if c.in_guest
+        ),
+        check_token=check_token,
     )
 
 
@@ -209,24 +227,35 @@ def _hostname(alloc: Allocation) -> str:
     return label[:63].strip("-") or "instance"
 
 
-def check_health(address: str, targets: Sequence[HealthTarget], timeout_s: float = 1.0) -> bool:
-    """Every check passes: tcp connects; http GET answers 2xx/3xx."""
-    for t in targets:
-        try:
-            if t.type == "http":
-                conn = http.client.HTTPConnection(address, t.port, timeout=timeout_s)
-                try:
-                    conn.request("GET", t.path)
-                    if not 200 <= conn.getresponse().status < 400:
-                        return False
-                finally:
-                    conn.close()
-            else:
-                with socket.create_connection((address, t.port), timeout=timeout_s):
-                    pass
-        except OSError:
-            return False
-    return True
+def probe(address: str, check: Check) -> Result:
+    """One tcp or http check from the host: tcp connects to the port; http ``GET path``
+    answers 2xx or 3xx. ``check.timeout_s`` bounds the connect and each read."""
+    try:
+        if check.type == "http":
+            conn = http.client.HTTPConnection(address, check.port, timeout=check.timeout_s)
+            try:
+                conn.request("GET", check.path, headers={"User-Agent": "ember-agent/health"})
+                status = conn.getresponse().status
+            finally:
+                conn.close()
+            if not 200 <= status < 400:
+                return Result(False, f"status {status}")
+        else:
+            with socket.create_connection((address, check.port), timeout=check.timeout_s):
+                pass
+    except TimeoutError:
+        return Result(False, "timeout")
+    except (OSError, http.client.HTTPException) as exc:
+        return Result(False, str(exc) or type(exc).__name__)
+    return Result(True)
+
+
+def _outcome(done: Future[Result]) -> Result:
+    try:
+        return done.result()
+    except Exception as exc:  # a bug in a probe must not stop every instance's checks
+        log.exception("health probe failed")
+        return Result(False, f"check error: {exc}")
 
 
 # -- the agent ----------------------------------------------------------------------------
@@ -243,7 +272,8 @@ class AgentConfig:
     heartbeat_s: float = 5.0
     poll_s: float = 1.0
     workers: int = 4
-    health_timeout_s: float = 1.0
+    check_workers: int = 4
+    """Threads for tcp/http health probes (each waits at most its check's timeout)."""
 
 
 class Agent:
@@ -256,7 +286,8 @@ class Agent:
         driver: VmmDriver,
         images: Images,
         network: HostNetwork,
-        health: Callable[[str, Sequence[HealthTarget], float], bool] = check_health,
+        health: Callable[[str, Check], Result] = probe,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.control = control
@@ -265,11 +296,26 @@ class Agent:
         self.images = images
         self.network = network
         self.health = health
+        self.clock = clock
+        """Wall-clock seconds: start times (persisted) and health check schedules."""
         self._lock = threading.RLock()
         self.state: AgentState = store.load()
         self._pool = ThreadPoolExecutor(config.workers, thread_name_prefix="ember-agent")
         self._busy: dict[str, Future[None]] = {}
         self._allocs: dict[str, Allocation] = {}
+        self._adopted: set[str] = set()
+        """Adopted instances not yet back in the host network's bookkeeping (``step``)."""
+        self._checks = ThreadPoolExecutor(config.check_workers, thread_name_prefix="ember-check")
+        self._health: dict[str, InstanceHealth] = {}
+        self._probes: dict[str, dict[int, Future[Result]]] = {}
+        self._consoles: dict[str, ConsoleCursor] = {}
+        self._wake = threading.Event()
+        """Set to step at once (not at the next ``poll_s``): the allocations changed, or
+        a health probe answered (so a passing check is reported without delay)."""
+        self.logs = LogShipper(
+            store.data_dir / "logship.json",
+            lambda iid, lines: control.ship_logs(config.host_id, iid, lines),
+        )
 
     # -- state ----------------------------------------------------------------------------
 
@@ -322,6 +368,7 @@ class Agent:
                 exit_code=code,
                 reason=record.reason or "the VM was gone when the agent restarted",
             )
+        self._adopted = set(adopted)
         return adopted
 
     # -- one pass ---------------------------------------------------------------------------
@@ -339,7 +386,9 @@ class Agent:
         )
 
     def observe(self) -> None:
-        """VM exits and health checks of running, not yet healthy instances."""
+        """VM exits, and the health of the running VMs (:meth:`_observe_health`)."""
+        now = self.clock()
+        watched = set()
         for iid, record in sorted(self.state.instances.items()):
             if record.status is not LocalStatus.RUNNING or iid in self._busy:
                 continue
@@ -351,22 +400,69 @@ class Agent:
             if handle.state is VmState.EXITED:
                 self._update(iid, status=LocalStatus.EXITED, exit_code=handle.exit_code)
                 continue
-            if not record.healthy and record.address:
-                alloc = self._allocs.get(iid)
-                targets = (
-                    health_targets(alloc.spec.get("services") or [], alloc.process)
-                    if alloc is not None
-                    else []
-                )
-                if self.health(record.address, targets, self.config.health_timeout_s):
-                    self._update(iid, healthy=True)
+            watched.add(iid)
+            try:
+                self._observe_health(record, now)
+            except Exception:  # one instance's checks must not stop the others' converging
+                log.exception("instance %s: health checks failed", iid)
+        for iid in set(self._health) - watched:  # exited or stopping: checks are over
+            self._health.pop(iid, None)
+            self._probes.pop(iid, None)  # a probe still running ends on its own
+            self._consoles.pop(iid, None)
 
-    def step(self) -> list[Action]:
-        """Observe, list the allocations, plan, execute; returns the actions taken."""
+    def _observe_health(self, record: InstanceRecord, now: float) -> None:
+        """Record the finished probes and the init's exec check lines (console lines
+        with the instance's ``check_token``), start the probes that are due, save a
+        changed verdict (the plan reports it)."""
+        iid = record.instance_id
+        alloc = self._allocs.get(iid)
+        if alloc is None:
+            return  # the checks come with the allocation (a restarted agent: first list)
+        health = self._health.get(iid)
+        if health is None:
+            checks = checks_of(alloc.spec.get("services") or [], alloc.process)
+            health = InstanceHealth.of(checks, record.health)
+        started_at = record.started_at or 0.0
+        probes = self._probes.setdefault(iid, {})
+        for index, fut in list(probes.items()):
+            if fut.done():
+                del probes[index]
+                health = health.record(index, _outcome(fut), now=now, started_at=started_at)
+        if health.guest_checks and record.check_token:
+            path = self.store.vm_dir(iid) / "console.log"
+            cursor = self._consoles.get(iid) or ConsoleCursor.at_end(path)
+            lines, self._consoles[iid] = read_console(path, cursor)
+            for line in lines:
+                if (got := parse_check_line(line, record.check_token)) is not None:
+                    result = Result(got.ok, got.detail)
+                    health = health.record_guest(got.index, result, now=now, started_at=started_at)
+        address = record.address or ""
+        for index in health.due(now) if address else ():
+            if index not in probes:  # never two runs of one check at once
+                probes[index] = self._checks.submit(self.health, address, health.checks[index])
+                probes[index].add_done_callback(lambda _: self._wake.set())
+                health = health.started(index, now)
+        self._health[iid] = health
+        if health.verdict != record.health:
+            self._update(iid, health=health.verdict, health_reason=health.reason)
+
+    def step(self, allocations: Sequence[Allocation] | None = None) -> list[Action]:
+        """Observe, plan against ``allocations`` (the watched set; None: list them now),
+        execute; returns the actions taken."""
         self._reap()
         self.observe()
-        allocations = self.control.allocations(self.config.host_id)
+        # Before the plan: an exited VM's last lines leave before Forget deletes its dir.
+        self.ship_logs()
+        if allocations is None:
+            allocations = self.control.allocations(self.config.host_id)
         self._allocs = {a.instance_id: a for a in allocations}
+        # Adopted VMs rejoin the host network's bookkeeping (their group is the
+        # allocation's) before anything changes it: the firewall is rendered from it as a
+        # whole, and from the next attach on a tap it does not know could send nothing.
+        self._adopted &= self._allocs.keys()
+        for iid in sorted(self._adopted):
+            self.network.attach(iid, self._allocs[iid].app_id)
+            self._adopted.discard(iid)
         with self._lock:
             local = {
                 iid: r.local_vm()
@@ -379,9 +475,24 @@ class Agent:
             self._execute(action)
         return actions
 
+    def ship_logs(self) -> int:
+        """Ship what is new in every instance's console; a failure is logged, never
+        raised (converging matters more; the lines are read again next pass)."""
+        consoles = {
+            iid: (self.store.vm_dir(iid) / "console.log", r.status is LocalStatus.EXITED)
+            for iid, r in self.state.instances.items()
+        }
+        try:
+            return self.logs.ship(consoles)
+        except Exception as exc:
+            log.warning("log shipping failed: %s", exc, exc_info=not isinstance(exc, Unavailable))
+            return 0
+
     def idle(self) -> bool:
+        """No slow work and no health probe in flight."""
         self._reap()
-        return not self._busy
+        probing = any(not f.done() for probes in self._probes.values() for f in probes.values())
+        return not self._busy and not probing
 
     def wait_idle(self, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -456,9 +567,20 @@ class Agent:
                 os.replace(tmp, rootfs)
             lease = self.network.attach(iid, alloc.app_id)
             address = str(lease.ipv6)
-            self._update(iid, tap=lease.tap, address=address)
-            guest = build_guest_config(spec, image, lease.guest_network(), _hostname(alloc))
+            checks = checks_of(spec.services, alloc.process)
+            # A fresh secret per boot: only the init knows it inside the guest.
+            token = secrets.token_hex(16) if any(c.in_guest for c in checks) else ""
+            self._update(iid, tap=lease.tap, address=address, check_token=token)
+            guest = build_guest_config(
+                spec,
+                image,
+                lease.guest_network(),
+                _hostname(alloc),
+                checks=checks,
+                check_token=token or None,
+            )
             write_config_drive(guest, vm_dir / "config.img")
+            self._consoles[iid] = ConsoleCursor.at_end(vm_dir / "console.log")
             vm = self._vm_spec(
                 record,
                 lease,
@@ -466,10 +588,14 @@ class Agent:
                 memory_mb=spec.memory_mb,
             )
             self.driver.start(vm)
-            self._update(iid, status=LocalStatus.RUNNING, started_at=time.time())
+            self._update(iid, status=LocalStatus.RUNNING, started_at=self.clock())
         except Exception as exc:
             log.exception("instance %s: start failed", iid)
-            self._update(iid, status=LocalStatus.EXITED, reason=f"start failed: {exc}"[:2000])
+            # The stable code leads (``start failed (oci.digest_mismatch): ...``): `ember
+            # status` shows this reason, and scripts match the code, not the prose.
+            code = f" ({exc.code})" if isinstance(exc, EmberError) else ""
+            reason = f"start failed{code}: {exc}"[:2000]
+            self._update(iid, status=LocalStatus.EXITED, reason=reason)
 
     def _stop(self, instance_id: str, timeout_s: float) -> None:
         record = self.state.instances[instance_id]
@@ -492,25 +618,55 @@ class Agent:
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self, stopping: Callable[[], bool]) -> None:
-        """Adopt, then heartbeat and converge until ``stopping()``; VMs keep running."""
+        """Adopt, start watching the allocations, then heartbeat and converge until
+        ``stopping()`` (noticed within 0.2 s): every ``poll_s``, and at once when the
+        allocations change or a health probe answers. VMs keep running."""
         adopted = self.adopt()
         if adopted:
             log.warning("adopted %d running VM(s): %s", len(adopted), ", ".join(adopted))
-        next_beat = 0.0
-        while not stopping():
-            now = time.monotonic()
-            try:
-                if now >= next_beat:
-                    self.heartbeat()
-                    next_beat = now + self.config.heartbeat_s
-                self.step()
-            except Exception as exc:  # the control plane is down, a transient error...
-                # A control plane that is down is expected: no traceback for it.
-                log.warning("agent step failed: %s", exc, exc_info=not isinstance(exc, Unavailable))
-            time.sleep(self.config.poll_s)
+        wake = self._wake
+        watch = None
+        if isinstance(self.control, AllocationSource):
+            watch = AllocationWatch(self.control, self.config.host_id, on_change=wake.set)
+            watch.start()
+        next_beat = next_step = 0.0
+        try:
+            while not stopping():
+                now = time.monotonic()
+                if wake.is_set() or now >= next_step:
+                    wake.clear()  # before the step: a change during it steps again
+                    next_step = now + self.config.poll_s
+                    if now >= next_beat:
+                        next_beat = now + self.config.heartbeat_s
+                        self._guarded("heartbeat", self.heartbeat)
+                    self._guarded("step", lambda: self._converge(watch))
+                wake.wait(max(0.0, min(next_step - time.monotonic(), 0.2)))
+        finally:
+            if watch is not None:
+                watch.stop()
+
+    def _converge(self, watch: AllocationWatch | None) -> None:
+        if watch is None:
+            self.step()
+            return
+        allocations = watch.current()
+        if allocations is None:  # not listed yet: keep observing, plan nothing
+            self._reap()
+            self.observe()
+        else:
+            self.step(allocations)
+
+    @staticmethod
+    def _guarded(what: str, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except Exception as exc:  # the control plane is down, a transient error...
+            # A control plane that is down is expected: no traceback for it.
+            log.warning("agent %s failed: %s", what, exc, exc_info=not isinstance(exc, Unavailable))
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._checks.shutdown(wait=True, cancel_futures=True)
 
 
 class ClientControlPlane:
@@ -523,7 +679,17 @@ class ClientControlPlane:
         self.client.heartbeat(host_id, report)
 
     def allocations(self, host_id: str) -> list[Allocation]:
-        return [Allocation.from_wire(a) for a in self.client.host_allocations(host_id).items]
+        return self.list_allocations(host_id)[0]
+
+    def list_allocations(self, host_id: str) -> tuple[list[Allocation], str]:
+        listed = self.client.host_allocations(host_id)
+        return [Allocation.from_wire(a) for a in listed.items], listed.cursor
+
+    def watch_allocations(
+        self, host_id: str, cursor: str, wait_s: float
+    ) -> tuple[list[AllocationChange], str]:
+        answer = self.client.watch_allocations(host_id, cursor, wait_s)
+        return changes_of(answer.events), answer.cursor
 
     def report(
         self,
@@ -543,6 +709,9 @@ class ClientControlPlane:
             reason=reason,
             address=address,
         )
+
+    def ship_logs(self, host_id: str, instance_id: str, lines: Sequence[LogShipLine]) -> None:
+        self.client.ship_logs(host_id, instance_id, lines)
 
 
 def ensure_enrolled(

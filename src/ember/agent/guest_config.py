@@ -13,7 +13,9 @@ device holding a line-oriented text document, zero-padded to a 4 KiB multiple::
     end
 
 Sans-IO first: :func:`render` (config → bytes) and :func:`parse` (bytes → config) are
-pure; :func:`write_config_drive` is the only function that touches the disk.
+pure, and so are the console parsers (:func:`parse_console_status`,
+:func:`parse_check_line`); :func:`write_config_drive` and :func:`read_console` are the
+only functions that touch the disk.
 
 Errors::
 
@@ -41,6 +43,9 @@ __all__ = [
     "MAGIC",
     "MAX_SIZE",
     "SIGNALS",
+    "CheckLine",
+    "ConsoleCursor",
+    "GuestCheck",
     "GuestConfig",
     "GuestConfigInvalid",
     "Mount",
@@ -48,7 +53,9 @@ __all__ = [
     "Secrets",
     "device_for_drive",
     "parse",
+    "parse_check_line",
     "parse_console_status",
+    "read_console",
     "render",
     "signal_number",
     "write_config_drive",
@@ -99,6 +106,7 @@ _ENV_KEY = re.compile(r"^[^=\x00]+$")
 _SAFE = frozenset(range(0x21, 0x7F)) - {ord("%")}
 _MOUNT_OPTION = re.compile(r"^[A-Za-z0-9_.=:/,+-]*$")
 _FSTYPE = re.compile(r"^[a-z0-9_.]+$")
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,128}")
 
 
 class GuestConfigInvalid(ValidationFailed):
@@ -142,6 +150,16 @@ class Secrets:
 
 
 @dataclasses.dataclass(frozen=True)
+class GuestCheck:
+    """An ``exec`` health check the init runs inside the guest, as the command's user,
+    with its environment and working directory (docs/specs/guest-config.md §3)."""
+
+    argv: tuple[str, ...]
+    interval_s: float = 10.0
+    timeout_s: float = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
 class GuestConfig:
     argv: tuple[str, ...]
     """The command: the process type's command, else the image's Entrypoint + Cmd."""
@@ -156,6 +174,10 @@ class GuestConfig:
     root: Mount = DEFAULT_ROOT
     mounts: tuple[Mount, ...] = ()
     secrets: Secrets | None = None
+    checks: tuple[GuestCheck, ...] = ()
+    check_token: str | None = None
+    """A random per-boot secret the init puts in every check result line (required with
+    ``checks``): the workload shares the console and must not be able to forge them."""
 
     @staticmethod
     def env_from(pairs: Mapping[str, str] | Iterable[str]) -> tuple[tuple[str, str], ...]:
@@ -282,6 +304,30 @@ def _validate(c: GuestConfig) -> None:
         )
     _validate_mounts(c)
     _validate_network(c.network)
+    _validate_checks(c)
+
+
+def _validate_checks(c: GuestConfig) -> None:
+    if c.check_token is not None and not _TOKEN.fullmatch(c.check_token):
+        raise GuestConfigInvalid(
+            "check_token must be 16-128 of A-Z a-z 0-9 _ -", detail={"field": "check_token"}
+        )
+    if c.checks and c.check_token is None:
+        raise GuestConfigInvalid("exec checks need a check_token", detail={"field": "check_token"})
+    for i, check in enumerate(c.checks):
+        what = f"checks[{i}]"
+        if not check.argv or not check.argv[0]:
+            raise GuestConfigInvalid(f"{what}: the command is empty", detail={"field": what})
+        for arg in check.argv:
+            _text(arg, what)
+        if not 0.1 <= check.interval_s <= 86_400:
+            raise GuestConfigInvalid(
+                f"{what}: the interval must be within 0.1..86400 s", detail={"field": what}
+            )
+        if not 0.1 <= check.timeout_s <= check.interval_s:
+            raise GuestConfigInvalid(
+                f"{what}: the timeout must be within 0.1 s..the interval", detail={"field": what}
+            )
 
 
 def _validate_mounts(c: GuestConfig) -> None:
@@ -333,6 +379,40 @@ def _validate_network(n: Network | None) -> None:
 # -- render / parse -------------------------------------------------------------------------
 
 
+def _check_fields(check: GuestCheck) -> tuple[bytes, bytes, bytes]:
+    """``INTERVAL-MS TIMEOUT-MS ARGV``: ARGV is every word followed by a NUL byte."""
+    return (
+        str(round(check.interval_s * 1000)).encode(),
+        str(round(check.timeout_s * 1000)).encode(),
+        b"".join(_text(arg, "checks") + b"\0" for arg in check.argv),
+    )
+
+
+def _parse_check(f: list[str]) -> GuestCheck:
+    argv = _decode(f[2])
+    if not argv.endswith(b"\0"):
+        raise ValueError("a check's command must end with a NUL byte (%00)")
+    words = argv[:-1].split(b"\0")
+    return GuestCheck(
+        tuple(w.decode("utf-8", "surrogateescape") for w in words),
+        int(f[0]) / 1000,
+        int(f[1]) / 1000,
+    )
+
+
+def _network_lines(n: Network) -> list[tuple[str, str]]:
+    out = [("mtu", str(n.mtu))] if n.mtu is not None else []
+    for key, value in (
+        ("ipv6", n.ipv6),
+        ("ipv6-gateway", n.ipv6_gateway),
+        ("ipv4", n.ipv4),
+        ("ipv4-gateway", n.ipv4_gateway),
+    ):
+        if value is not None:
+            out.append((key, value))
+    return out + [("nameserver", ns) for ns in n.nameservers]
+
+
 def render(config: GuestConfig) -> bytes:
     """The config drive's bytes: the document, zero-padded to a multiple of 4 KiB."""
     _validate(config)
@@ -356,19 +436,8 @@ def render(config: GuestConfig) -> bytes:
             m.options.encode(),
         )
     if c.network is not None:
-        n = c.network
-        if n.mtu is not None:
-            add("mtu", str(n.mtu).encode())
-        for key, value in (
-            ("ipv6", n.ipv6),
-            ("ipv6-gateway", n.ipv6_gateway),
-            ("ipv4", n.ipv4),
-            ("ipv4-gateway", n.ipv4_gateway),
-        ):
-            if value is not None:
-                add(key, value.encode())
-        for ns in n.nameservers:
-            add("nameserver", ns.encode())
+        for key, value in _network_lines(c.network):
+            add(key, value.encode())
     for arg in c.argv:
         add("arg", _text(arg, "argv"))
     for key, value in c.env:
@@ -379,6 +448,10 @@ def render(config: GuestConfig) -> bytes:
     add("kill-timeout-ms", str(round(c.kill_timeout_s * 1000)).encode())
     if c.secrets is not None:
         add("secrets", _text(c.secrets.path, "secrets.path"), c.secrets.content)
+    if c.check_token is not None:
+        add("check-token", c.check_token.encode())
+    for check in c.checks:
+        add("check", *_check_fields(check))
     body = "".join(" ".join(line) + "\n" for line in lines) + "end\n"
     data = MAGIC + body.encode("ascii")
     if len(data) > MAX_SIZE:
@@ -411,12 +484,14 @@ class _Reader:
                 "workdir",
                 "kill-signal",
                 "kill-timeout-ms",
+                "check-token",
             ),
             1,
         ),
         "root": 3,
         "mount": 4,
         "secrets": 2,
+        "check": 3,
     }
 
     def __init__(self) -> None:
@@ -431,6 +506,7 @@ class _Reader:
         self.secrets: Secrets | None = None
         self.kill_signal = "SIGTERM"
         self.kill_timeout_s = 10.0
+        self.checks: list[GuestCheck] = []
 
     def line(self, lineno: int, line: str) -> None:
         key, *f = line.split(" ")
@@ -466,7 +542,9 @@ class _Reader:
             self.kill_timeout_s = int(f[0]) / 1000
         elif key == "secrets":
             self.secrets = Secrets(_str(f[0]), _decode(f[1]))
-        else:  # hostname, user, workdir
+        elif key == "check":
+            self.checks.append(_parse_check(f))
+        else:  # hostname, user, workdir, check-token
             self.text[key] = _str(f[0])
 
     def config(self) -> GuestConfig:
@@ -492,6 +570,8 @@ class _Reader:
             root=self.root,
             mounts=tuple(self.mounts),
             secrets=self.secrets,
+            checks=tuple(self.checks),
+            check_token=self.text.get("check-token"),
         )
 
 
@@ -530,7 +610,97 @@ def parse_console_status(text: str) -> tuple[int | None, str | None]:
     return (int(codes[-1]) if codes else None, failures[-1] if failures else None)
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckLine:
+    """One exec check result of the init: check ``index`` (the drive's order) passed,
+    or failed with ``detail`` (``status N``, ``signal N``, ``timeout``, ``fork failed: …``)."""
+
+    index: int
+    ok: bool
+    detail: str = ""
+
+
+def parse_check_line(line: str, token: str) -> CheckLine | None:
+    """The exec check result in one console line, or None: not a result line, or one
+    without this boot's ``token`` (the workload printing a look-alike). Matched anywhere
+    in the line, like the status lines: the workload's output without a final newline may
+    precede the init's line, look-alikes included; the init's line ends the line."""
+    if not token or token not in line:
+        return None
+    pattern = rf"ember-init: check {re.escape(token)} (\d{{1,9}}) (ok|fail)(?: ([^\r\n]*))?"
+    m = re.search(pattern, line)
+    if m is None:
+        return None
+    return CheckLine(int(m.group(1)), m.group(2) == "ok", (m.group(3) or "").strip())
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsoleCursor:
+    """How far :func:`read_console` got: the file (by inode) and offset it read to,
+    and an unfinished last line."""
+
+    inode: int | None = None
+    offset: int = 0
+    partial: bytes = b""
+
+    @classmethod
+    def at_end(cls, path: Path) -> ConsoleCursor:
+        """Past everything ``path`` holds now (an adopted VM: its history is old news)."""
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return cls()
+        return cls(st.st_ino, st.st_size)
+
+
 # -- I/O ------------------------------------------------------------------------------------
+
+
+_PARTIAL_MAX = 4096
+"""A longer unfinished line keeps only its end (the init's lines are shorter)."""
+
+
+def _rest_of_rotated(path: Path, cursor: ConsoleCursor, limit: int) -> bytes:
+    rotated = path.with_name(path.name + ".1")
+    try:
+        with rotated.open("rb") as f:
+            if os.fstat(f.fileno()).st_ino != cursor.inode:
+                return b""  # rotated twice since: that part is gone
+            f.seek(cursor.offset)
+            return f.read(limit)
+    except FileNotFoundError:
+        return b""
+
+
+def read_console(
+    path: Path, cursor: ConsoleCursor, limit: int = 1 << 20
+) -> tuple[list[str], ConsoleCursor]:
+    """The complete lines written to the console log ``path`` since ``cursor`` (without
+    ``\\r``), and the new cursor. At most ``limit`` bytes are read per call; the rest
+    of ``path`` comes with the next call.
+
+    Follows the VMM's log rotation (``qemu_shim.CappedLog``: the full log becomes
+    ``PATH.1`` and a new ``PATH`` starts): when ``PATH`` is another file than the
+    cursor's, the rest of ``PATH.1`` comes first (up to ``limit``), then ``PATH`` from its
+    start. A log that shrank is read again from its start."""
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        return [], cursor
+    with f:
+        st = os.fstat(f.fileno())
+        data = b""
+        if cursor.inode is not None and st.st_ino != cursor.inode:
+            data = _rest_of_rotated(path, cursor, limit)
+            offset = 0
+        else:
+            offset = cursor.offset if st.st_size >= cursor.offset else 0
+        f.seek(offset)
+        more = f.read(max(0, limit - len(data)))
+    lines = (cursor.partial + data + more).split(b"\n")
+    partial = lines.pop()[-_PARTIAL_MAX:]
+    text = [line.decode("utf-8", "replace").rstrip("\r") for line in lines]
+    return text, ConsoleCursor(st.st_ino, offset + len(more), partial)
 
 
 def write_config_drive(config: GuestConfig, path: Path) -> Path:

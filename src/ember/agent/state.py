@@ -2,8 +2,9 @@
 
 ``<data dir>/state.json`` holds the host id once enrolled and one record per instance the
 agent started (its VM id, address, tap, image, start time, what it last observed and
-reported). A restarted agent reads it to adopt its running VMs (``VmmDriver.adopt``)
-instead of starting them again. The node's private key lives beside it in
+reported, its health verdict and the per-boot token of its in-guest check results). A
+restarted agent reads it to adopt its running VMs (``VmmDriver.adopt``) instead of
+starting them again. The node's private key lives beside it in
 ``<data dir>/node.key`` (``ember.client.node_auth.NodeIdentity.load_or_create``); the
 address leases in ``<data dir>/net/leases.json`` (``ember.agent.net.store.LeaseStore``).
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ember.agent.converge import LocalStatus, LocalVm
+from ember.agent.health import Verdict
 from ember.core.errors import ValidationFailed
 
 __all__ = ["AgentState", "InstanceRecord", "StateInvalid", "StateStore"]
@@ -39,18 +41,23 @@ class InstanceRecord:
     started_at: float | None = None
     status: LocalStatus = LocalStatus.PREPARING
     exit_code: int | None = None
-    healthy: bool = False
+    health: Verdict | None = None
+    health_reason: str = ""
     stop_requested: bool = False
     reported: str | None = None
     reason: str = ""
     kill_timeout_s: float = 5.0
+    check_token: str = ""
+    """The config drive's ``check-token``: only console lines carrying it are the init's
+    exec check results (docs/specs/guest-config.md §4)."""
 
     def local_vm(self) -> LocalVm:
         return LocalVm(
             instance_id=self.instance_id,
             status=self.status,
             exit_code=self.exit_code,
-            healthy=self.healthy,
+            health=self.health,
+            health_reason=self.health_reason,
             stop_requested=self.stop_requested,
             reported=self.reported,
             address=self.address,
@@ -60,6 +67,7 @@ class InstanceRecord:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["status"] = str(self.status)
+        out["health"] = str(self.health) if self.health is not None else None
         return out
 
     @classmethod
@@ -70,6 +78,10 @@ class InstanceRecord:
         try:
             fields = {k: v for k, v in data.items() if k in names}
             fields["status"] = LocalStatus(fields.get("status", LocalStatus.PREPARING))
+            if "health" not in data and data.get("healthy"):  # a record of an older agent
+                fields["health"] = Verdict.HEALTHY
+            if fields.get("health") is not None:
+                fields["health"] = Verdict(fields["health"])
             return cls(**fields)
         except (TypeError, ValueError) as exc:
             raise StateInvalid(f"bad instance record: {exc}") from exc

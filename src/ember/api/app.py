@@ -13,9 +13,20 @@ from ember import __version__
 from ember.api import errors
 from ember.api.enrollment import Enrollment
 from ember.api.hosts import Hosts
+from ember.api.logs import Logs
 from ember.api.middleware import EdgeMiddleware, Metrics
 from ember.api.releases import Releases
-from ember.api.routes import apps, edge_routes, hosts, ips, orgs, releases, tokens, workloads
+from ember.api.routes import (
+    apps,
+    edge_routes,
+    hosts,
+    ips,
+    logs,
+    orgs,
+    releases,
+    tokens,
+    workloads,
+)
 from ember.api.routing import Routing
 from ember.api.service import Tenancy
 from ember.api.workloads import Workloads
@@ -23,6 +34,7 @@ from ember.core.catalog import REGISTRY
 from ember.core.routes import RoutingConfig
 from ember.store.db import Database
 from ember.store.eventlog import EventLog
+from ember.store.logs import Retention
 from ember.store.projections import ProjectionRunner
 from ember.store.views import all_projections
 from ember.wire import models as w
@@ -38,7 +50,10 @@ class ApiSettings:
     routing: RoutingConfig = dataclasses.field(default_factory=RoutingConfig)
     """The edge's port pool, dedicated IPv4 pool and shared address (EMBER_EDGE_*)."""
     edge_max_wait_s: float = 30.0
-    """The longest an edge's long-poll is held (a request may ask for less)."""
+    """The longest a long-poll is held — an edge's snapshot, an agent's allocation watch,
+    `ember logs -f` (a request may ask for less)."""
+    log_retention: Retention = dataclasses.field(default_factory=Retention)
+    """How many workload log lines are kept, and how long (ember.store.logs)."""
 
 
 def create_app(settings: ApiSettings | None) -> FastAPI:
@@ -58,7 +73,7 @@ def create_app(settings: ApiSettings | None) -> FastAPI:
         app.state.tenancy = Tenancy(db, log, ProjectionRunner(db, REGISTRY, all_projections()))
         app.state.releases = Releases(app.state.tenancy)
         app.state.workloads = Workloads(app.state.tenancy, app.state.releases)
-        app.state.hosts = Hosts(app.state.tenancy)
+        app.state.hosts = Hosts(app.state.tenancy, max_wait_s=settings.edge_max_wait_s)
         app.state.enrollment = Enrollment(app.state.hosts)
         app.state.routing = Routing(
             app.state.tenancy,
@@ -66,11 +81,19 @@ def create_app(settings: ApiSettings | None) -> FastAPI:
             settings.routing,
             max_wait_s=settings.edge_max_wait_s,
         )
+        app.state.logs = Logs(
+            app.state.tenancy,
+            app.state.releases,
+            settings.log_retention,
+            max_wait_s=settings.edge_max_wait_s,
+        )
         app.state.idempotency_locks = locks
         try:
             yield
         finally:
             app.state.routing.close()
+            app.state.logs.close()
+            app.state.hosts.close()
             locks.close()
             db.close()
 
@@ -99,6 +122,7 @@ def create_app(settings: ApiSettings | None) -> FastAPI:
         hosts.router,
         edge_routes.router,
         ips.router,
+        logs.router,
     ):
         app.include_router(router)
 

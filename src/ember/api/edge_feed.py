@@ -16,6 +16,11 @@ treats its first cursor as a change (a spurious wake-up is harmless; a lost one 
 While committed events sit behind a transaction still in flight (they are not readable
 yet, events.md §3), the worker re-checks on a short, growing timer instead of its idle
 timeout: a transaction that rolls back sends no notification.
+
+The feed can be keyed: ``changes`` names the keys whose data changed between two cursors,
+and a waiter wakes only for its own key. The edge uses one key (``ALL``); the agents'
+allocation watch one per host (ember.api.hosts), so a placement on one host wakes that
+host's agent and not a thousand others.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import psycopg
 
@@ -46,7 +51,20 @@ SELECT EXISTS (
 )
 """
 
-_Waiter = tuple[asyncio.AbstractEventLoop, asyncio.Event]
+ALL = ""
+"""The one key of an unkeyed feed (the edge's)."""
+
+Changes = Callable[[psycopg.Connection, Cursor, Cursor], Collection[str]]
+"""The keys whose data changed in ``(after, upto]`` (both cursors folded already)."""
+
+_Waiter = tuple[asyncio.AbstractEventLoop, asyncio.Event, str]
+
+
+def edge_changes(conn: psycopg.Connection, after: Cursor, upto: Cursor) -> Collection[str]:
+    row = conn.execute(
+        _RELEVANT_SQL, (str(after.xid), after.position, str(upto.xid), upto.position)
+    ).fetchone()
+    return (ALL,) if row and row[0] else ()
 
 
 class EdgeFeed:
@@ -57,15 +75,20 @@ class EdgeFeed:
         projections: Sequence[str] = PROJECTIONS,
         *,
         idle_s: float = 1.0,
+        changes: Changes = edge_changes,
+        name: str = "ember-edge-feed",
     ) -> None:
         self.db = db
         self.runner = runner
         self.projections = tuple(projections)
         self.idle_s = idle_s
+        self.changes = changes
+        self.name = name
         self._lock = threading.Lock()
         self._waiters: set[_Waiter] = set()
         self._current: Cursor | None = None
-        self._changed: Cursor | None = None
+        self._first: Cursor | None = None  # the first cursor published: a change to every key
+        self._changed: dict[str, Cursor] = {}  # per key, the last cursor it changed at
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -74,9 +97,7 @@ class EdgeFeed:
     def start(self) -> None:
         with self._lock:
             if self._thread is None and not self._stop.is_set():
-                self._thread = threading.Thread(
-                    target=self._run, name="ember-edge-feed", daemon=True
-                )
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread.start()
 
     def close(self, timeout: float = 5.0) -> None:
@@ -85,15 +106,17 @@ class EdgeFeed:
         if thread is not None:
             thread.join(timeout)
 
-    def changed_after(self, after: Cursor) -> bool:
+    def changed_after(self, after: Cursor, key: str = ALL) -> bool:
         with self._lock:
-            return self._changed is not None and self._changed > after
+            changed = self._changed.get(key, self._first)
+            return changed is not None and changed > after
 
-    async def wait_past(self, after: Cursor, timeout: float) -> bool:
-        """Wait until a change past ``after`` is folded (True) or ``timeout`` passes."""
+    async def wait_past(self, after: Cursor, timeout: float, key: str = ALL) -> bool:
+        """Wait until a change of ``key`` past ``after`` is folded (True) or ``timeout``
+        passes."""
         self.start()
         loop = asyncio.get_running_loop()
-        waiter = (loop, asyncio.Event())
+        waiter = (loop, asyncio.Event(), key)
         deadline = loop.time() + timeout
         with self._lock:
             self._waiters.add(waiter)
@@ -102,7 +125,7 @@ class EdgeFeed:
                 # Clear before checking: a wake-up between the check and the wait then
                 # leaves the event set, and the wait returns at once.
                 waiter[1].clear()
-                if self.changed_after(after):
+                if self.changed_after(after, key):
                     return True
                 left = deadline - loop.time()
                 if left <= 0:
@@ -120,7 +143,7 @@ class EdgeFeed:
             try:
                 conn = connect(self.db.conninfo, autocommit=True)
             except EmberError as exc:
-                log.warning("edge feed: cannot connect: %s", exc.message)
+                log.warning("%s: cannot connect: %s", self.name, exc.message)
                 self._stop.wait(1.0)
                 continue
             try:
@@ -128,7 +151,7 @@ class EdgeFeed:
                 self._follow(conn)
             except (EmberError, psycopg.Error) as exc:
                 if not self._stop.is_set():
-                    log.warning("edge feed: %s; reconnecting", exc)
+                    log.warning("%s: %s; reconnecting", self.name, exc)
                     self._stop.wait(1.0)
             finally:
                 conn.close()
@@ -148,19 +171,16 @@ class EdgeFeed:
 
     def _publish(self, conn: psycopg.Connection, cursor: Cursor) -> None:
         previous = self._current
-        if previous is None:
-            changed: Cursor | None = cursor
-        elif cursor > previous:
-            row = conn.execute(
-                _RELEVANT_SQL,
-                (str(previous.xid), previous.position, str(cursor.xid), cursor.position),
-            ).fetchone()
-            changed = cursor if row and row[0] else self._changed
-        else:
+        if previous is not None and cursor <= previous:
             return
+        keys = None if previous is None else set(self.changes(conn, previous, cursor))
         with self._lock:
-            self._current, self._changed = cursor, changed
-            waiters = list(self._waiters)
-        for loop, event in waiters:
+            self._current = cursor
+            if keys is None:
+                self._first = cursor
+            else:
+                self._changed.update(dict.fromkeys(keys, cursor))
+            waiters = [w for w in self._waiters if keys is None or w[2] in keys]
+        for loop, event, _key in waiters:
             with contextlib.suppress(RuntimeError):  # its loop has closed: nobody waits
                 loop.call_soon_threadsafe(event.set)

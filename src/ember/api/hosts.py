@@ -11,18 +11,32 @@ Writes go through the tenancy service's load-decide-append loop on the host's st
 ``host-<id>`` or the instance's ``instance-<id>`` and then wait for the ``scheduling``
 projection (read-your-writes). Heartbeats are not events: they upsert
 ``host_heartbeats`` (docs/specs/events.md, "Hosts").
+
+An agent lists its allocations (with the cursor of the snapshot) and then watches from
+that cursor: :meth:`Hosts.allocation_changes` answers what changed for the host after a
+cursor, read from the ``instance.*`` events in the window and the instances' rows as of
+the views' checkpoint, in one snapshot. The route long-polls on a keyed
+:class:`ember.api.edge_feed.EdgeFeed` (one key per host: :func:`hosts_changed`), so a
+placement wakes only its host's watch. A cursor the log cannot resume from is
+:class:`CursorExpired` (410): the agent lists again::
+
+    Conflict  └── CursorExpired       allocations.cursor_expired
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
+import psycopg
 from psycopg.types.json import Jsonb
 
+from ember.api.edge_feed import EdgeFeed
 from ember.api.service import Row, Tenancy
-from ember.core.events import STREAM_ID_RE, EventData, RecordedEvent
+from ember.core.errors import Conflict
+from ember.core.events import STREAM_ID_RE, ZERO, Cursor, EventData, RecordedEvent
 from ember.core.hosts import (
     HOST_ID_RE,
     HostNotFound,
@@ -46,6 +60,8 @@ from ember.core.tenancy import Principal, check_agent, check_operator
 PROJECTION = "scheduling"
 MAX_REPORT_BYTES = 64 * 1024
 ADMIN_ACTIONS = ("cordon", "uncordon", "drain")
+MAX_WATCH_WINDOW = 10_000
+"""Events a watch reads past its cursor at most; further behind, a list is cheaper (410)."""
 
 # Literal, not a parameter: the planner can then use view_instances' partial index on
 # host_id, whose predicate is this very list.
@@ -63,11 +79,63 @@ LEFT JOIN LATERAL (
     FROM view_instances i WHERE i.host_id = h.host_id AND {_LIVE}
 ) u ON true
 """
+# The window of a watch: events after its cursor, up to the views' checkpoint (xid8 and
+# position parameters: after, then upto).
+_WINDOW = (
+    "(e.xid, e.position) > (%s::text::xid8, %s) AND (e.xid, e.position) <= (%s::text::xid8, %s)"
+)
+# Every instance transition names its instance in data.instance_id (events.md §10); an
+# instance's host_id never changes once assigned, so the view's host is the event's host.
+_CHANGED = f"""
+SELECT i.*, bool_or(e.type = 'instance.assigned') AS assigned_in_window
+FROM (SELECT e.data->>'instance_id' AS instance_id, e.type FROM events e
+      WHERE {_WINDOW} AND e.type LIKE 'instance.%%') e
+JOIN view_instances i USING (instance_id)
+WHERE i.host_id = %s
+GROUP BY i.instance_id ORDER BY i.instance_id
+"""
+_HOSTS_CHANGED = f"""
+SELECT DISTINCT i.host_id
+FROM (SELECT DISTINCT e.data->>'instance_id' AS instance_id FROM events e
+      WHERE {_WINDOW} AND e.type LIKE 'instance.%%') e
+JOIN view_instances i USING (instance_id)
+WHERE i.host_id IS NOT NULL
+"""
+
+
+class CursorExpired(Conflict):
+    """The watch cannot resume from this cursor: list again (HTTP 410)."""
+
+    code = "allocations.cursor_expired"
+
+
+@dataclasses.dataclass(frozen=True)
+class AllocationChange:
+    type: Literal["added", "modified", "removed"]
+    row: Row
 
 
 class Hosts:
-    def __init__(self, tenancy: Tenancy) -> None:
+    def __init__(
+        self,
+        tenancy: Tenancy,
+        *,
+        max_wait_s: float = 30.0,
+        max_window: int = MAX_WATCH_WINDOW,
+    ) -> None:
         self.t = tenancy
+        self.max_wait_s = max_wait_s
+        self.max_window = max_window
+        self.feed = EdgeFeed(
+            tenancy.db,
+            tenancy.runner,
+            (PROJECTION,),
+            changes=hosts_changed,
+            name="ember-allocations-feed",
+        )
+
+    def close(self) -> None:
+        self.feed.close()
 
     # -- hosts -------------------------------------------------------------------------
 
@@ -206,6 +274,76 @@ class Hosts:
         cursor = f"{checkpoint[0]}-{checkpoint[1]}" if checkpoint else "0-0"
         return rows, cursor
 
+    def check_watch(self, who: Principal, host_id: str) -> None:
+        """Who may watch the host's allocations, and that the host exists (as the list)."""
+        check_agent(who, host_id, "read allocations")
+        self._host_row(host_id)
+
+    def allocation_changes(
+        self, host_id: str, after: Cursor, *, check: bool = True
+    ) -> tuple[list[AllocationChange], str]:
+        """What changed in the host's allocations after ``after``, and the cursor the
+        answer is exact at (the ``scheduling`` checkpoint, read in the same snapshot as
+        the rows). Each changed instance once, as it is now: ``added`` (assigned after
+        ``after``), ``modified``, or ``removed`` (it ended; its final row). An instance
+        assigned and ended within the window was never the caller's: it is left out.
+        Call :meth:`check_watch` first. ``check=False``: ``after`` is a cursor this
+        method answered a moment ago (a long-poll waking up), neither checked nor bounded.
+        CursorExpired when ``after`` cannot be resumed from."""
+        if check:
+            self._check_cursor(after)
+        # Read-your-writes: fold what is readable now, at least up to ``after``.
+        self.t.sync(after, PROJECTION)
+        with self.t.db.connection() as conn, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            row = conn.execute(
+                "SELECT xid::text::bigint, position FROM projection_checkpoints WHERE name = %s",
+                (PROJECTION,),
+            ).fetchone()
+            upto = Cursor(int(row[0]), int(row[1])) if row else ZERO
+            window = (str(after.xid), after.position, str(upto.xid), upto.position)
+            if check and self._behind(conn, window) > self.max_window:
+                raise _expired(after, f"it is more than {self.max_window} events behind the log")
+            with conn.cursor() as cur:
+                cur.execute(_CHANGED, (*window, host_id))
+                names = [c.name for c in cur.description or ()]
+                rows = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+        changes = []
+        for r in rows:
+            ended = InstanceState(r["state"]) in TERMINAL
+            if ended and r["assigned_in_window"]:
+                continue
+            kind: Literal["added", "modified", "removed"] = (
+                "removed" if ended else "added" if r["assigned_in_window"] else "modified"
+            )
+            changes.append(AllocationChange(kind, r))
+        return changes, str(upto)
+
+    def _behind(self, conn: psycopg.Connection, window: tuple[str, int, str, int]) -> int:
+        """Events in the window, counted up to one more than the bound."""
+        row = conn.execute(
+            f"SELECT count(*) FROM (SELECT FROM events e WHERE {_WINDOW} LIMIT %s) w",
+            (*window, self.max_window + 1),
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def _check_cursor(self, after: Cursor) -> None:
+        """A cursor this API handed out names an event the views have folded, so it is
+        below the horizon; one that names no such event comes from another database (or
+        was made up) and cannot be resumed from."""
+        if after == ZERO:
+            return
+        if after.xid >= 1 << 63 or after.position >= 1 << 63:  # beyond any bigint
+            raise _expired(after, "it names no event of this event log")
+        with self.t.db.connection() as conn:
+            row = conn.execute(
+                "SELECT EXISTS (SELECT FROM events WHERE position = %s "
+                "AND xid = %s::text::xid8 AND xid < pg_snapshot_xmin(pg_current_snapshot()))",
+                (after.position, str(after.xid)),
+            ).fetchone()
+        if not (row and row[0]):
+            raise _expired(after, "it names no event of this event log")
+
     def report(
         self,
         who: Principal,
@@ -295,6 +433,22 @@ def registration(
         labels=dict(labels),
         region=region,
         address=address,
+    )
+
+
+def hosts_changed(conn: psycopg.Connection, after: Cursor, upto: Cursor) -> set[str]:
+    """The hosts whose allocations may have changed in ``(after, upto]`` (the keys of the
+    allocation feed): the hosts of the instances an ``instance.*`` event names."""
+    window = (str(after.xid), after.position, str(upto.xid), upto.position)
+    return {r[0] for r in conn.execute(_HOSTS_CHANGED, window).fetchall()}
+
+
+def _expired(after: Cursor, why: str) -> CursorExpired:
+    return CursorExpired(
+        f"cannot watch allocations from cursor {after}: {why}",
+        hint="list the allocations again (GET /v1/hosts/{host_id}/allocations) and watch "
+        "from the list's cursor",
+        detail={"cursor": str(after)},
     )
 
 

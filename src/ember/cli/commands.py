@@ -1,5 +1,5 @@
-"""User commands of `ember` (login, whoami, orgs, apps, envs, tokens, deploy, routes,
-ips, ...): one module per noun, each talking to the control-plane API through
+"""User commands of `ember` (login, whoami, orgs, apps, envs, tokens, deploy, logs,
+routes, ips, ...): one module per noun, each talking to the control-plane API through
 ember.client only."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ def register(root: click.Group) -> None:
     from ember.cli.envs import envs
     from ember.cli.hosts import hosts
     from ember.cli.ips import ips
+    from ember.cli.logs import logs
     from ember.cli.manifest import manifest
     from ember.cli.orgs import orgs
     from ember.cli.routes import routes
@@ -36,6 +37,7 @@ def register(root: click.Group) -> None:
         scale,
         status,
         restart,
+        logs,
         routes,
         ips,
         hosts,

@@ -12,7 +12,14 @@ from typing import Any
 
 import click
 
-from ember.core.errors import EmberError, Kind
+from ember.core.errors import EmberError, Kind, ValidationFailed
+
+
+class InvalidArgument(ValidationFailed):
+    """A CLI argument that click's types cannot check (``web=3``, ``--since 10m``): exit 2,
+    ``detail.field`` naming it."""
+
+    code = "cli.invalid_argument"
 
 
 class Exit(enum.IntEnum):

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 import click
 
 from ember.cli.deploy import current_env, env_option
+from ember.cli.exits import InvalidArgument
 from ember.cli.output import emit_fields, emit_model, emit_table
 from ember.cli.session import Session, app_option, json_option, org_option
-from ember.core.errors import ValidationFailed
 from ember.core.manifest_model import PROCESS_NAME_RE
 from ember.wire import workloads as ww
 
@@ -24,15 +24,11 @@ _MEMORY_RE = re.compile(r"^(\d{1,9})\s*(m|mb|mib|g|gb|gib)?$", re.IGNORECASE)
 _COUNT_RE = re.compile(r"^[0-9]{1,9}$")
 
 
-class InvalidScaleArgument(ValidationFailed):
-    code = "cli.invalid_argument"
-
-
 def parse_memory(text: str) -> int:
     """``512``, ``512M``, ``512MB``, ``1G``, ``1GB`` -> megabytes."""
     m = _MEMORY_RE.match(text.strip())
     if m is None:
-        raise InvalidScaleArgument(
+        raise InvalidArgument(
             f"invalid memory size {text!r}",
             hint="a size in MB like 512, or with a unit: 512M, 1G",
             detail={"field": "--memory", "argument": text},
@@ -45,7 +41,7 @@ def parse_scale(args: Sequence[str], memory: str | None) -> dict[str, dict[str, 
     """``("web=3", "worker")`` with ``--memory 512`` -> ``{"web": {"count": 3,
     "memory_mb": 512}, "worker": {"memory_mb": 512}}``."""
     if not args:
-        raise InvalidScaleArgument(
+        raise InvalidArgument(
             "nothing to scale: name a process",
             hint="e.g. 'ember scale web=3' or 'ember scale --memory 512 web'",
             detail={"field": "PROCESS"},
@@ -55,8 +51,8 @@ def parse_scale(args: Sequence[str], memory: str | None) -> dict[str, dict[str, 
     for arg in args:
         name, sep, count = arg.partition("=")
 
-        def bad(message: str, hint: str, arg: str = arg) -> InvalidScaleArgument:
-            return InvalidScaleArgument(
+        def bad(message: str, hint: str, arg: str = arg) -> InvalidArgument:
+            return InvalidArgument(
                 f"invalid argument {arg!r}: {message}",
                 hint=hint,
                 detail={"field": "PROCESS", "argument": arg},

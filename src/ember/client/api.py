@@ -13,6 +13,7 @@ returns every item.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -33,6 +34,7 @@ from ember.client.errors import (
 )
 from ember.core.tenancy import Capability, Role
 from ember.wire import hosts as wh
+from ember.wire import logs as wl
 from ember.wire import models as w
 from ember.wire import routes as wr
 from ember.wire import workloads as ww
@@ -383,6 +385,25 @@ class Client:
         """What the host's agent should run, with the cursor of that snapshot."""
         return self._get(path("v1", "hosts", host_id, "allocations"), wh.Allocations)
 
+    def watch_allocations(
+        self, host_id: str, cursor: str, wait: float = 0.0
+    ) -> wh.AllocationChanges:
+        """What changed in the host's allocations after ``cursor`` (a list's, or the last
+        answer's), waiting up to ``wait`` seconds (at most 30) for a change. Raises
+        :class:`ApiGone` (``allocations.cursor_expired``) when the cursor cannot be
+        resumed from: list again (``host_allocations``) and watch from its cursor."""
+        request = self.build_request(
+            "GET",
+            path("v1", "hosts", host_id, "allocations", "watch"),
+            params={"cursor": cursor, "wait": wait},
+        )
+        # The server holds the answer up to ``wait``: allow that on top of the timeout.
+        request.extensions["timeout"] = httpx.Timeout(self.timeout + wait).as_dict()
+        response = self._send(request)
+        if response.status_code >= 400:
+            raise error_from_response(response.status_code, response.headers, response.content)
+        return _parse(response, wh.AllocationChanges)
+
     def report_instance(
         self,
         instance_id: str,
@@ -408,6 +429,17 @@ class Client:
         response = self._request("POST", path("v1", "instances", instance_id, "reports"), json=body)
         return _parse(response, wh.InstanceReportAccepted)
 
+    def ship_logs(
+        self, host_id: str, instance_id: str, lines: Sequence[wl.LogShipLine]
+    ) -> wl.LogShipAccepted:
+        """Ship console lines of an instance on the agent's host (at most
+        ``wl.MAX_BATCH_LINES`` lines and ``wl.MAX_BATCH_BYTES`` bytes of text)."""
+        body = _body(wl.LogShipRequest, {"lines": list(lines)})
+        response = self._request(
+            "POST", path("v1", "hosts", host_id, "instances", instance_id, "logs"), json=body
+        )
+        return _parse(response, wl.LogShipAccepted)
+
     # -- workloads: scale, restart, status, rollouts ----------------------------------
 
     def scale(
@@ -428,6 +460,38 @@ class Client:
 
     def status(self, org: str, app: str, env: str) -> ww.Status:
         return self._get(_env_path(org, app, env, "status"), ww.Status)
+
+    def logs(
+        self,
+        org: str,
+        app: str,
+        env: str,
+        *,
+        process: str | None = None,
+        instance: str | None = None,
+        since: dt.datetime | None = None,
+        after: str | None = None,
+        limit: int = 100,
+        wait: float = 0.0,
+    ) -> wl.LogPage:
+        """The env's console lines, oldest first: the newest ``limit`` ones, or with
+        ``after`` (a page's cursor) those stored after it, waiting up to ``wait`` seconds
+        (at most 30) for one when there is none yet."""
+        params: dict[str, Any] = {"limit": limit}
+        for name, value in (("process", process), ("instance", instance), ("after", after)):
+            if value is not None:
+                params[name] = value
+        if since is not None:
+            params["since"] = since.isoformat()
+        if wait > 0:
+            params["wait"] = wait
+        request = self.build_request("GET", _env_path(org, app, env, "logs"), params=params)
+        # The server holds the answer up to ``wait``: allow that on top of the timeout.
+        request.extensions["timeout"] = httpx.Timeout(self.timeout + wait).as_dict()
+        response = self._send(request)
+        if response.status_code >= 400:
+            raise error_from_response(response.status_code, response.headers, response.content)
+        return _parse(response, wl.LogPage)
 
     def promote_rollout(
         self, org: str, app: str, env: str, rollout_id: str | None = None

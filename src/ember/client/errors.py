@@ -12,6 +12,7 @@ fallback for a response without an envelope::
     ├── ApiForbidden              (Forbidden)         403
     ├── ApiNotFound               (NotFound)          404
     ├── ApiConflict               (Conflict)          409
+    ├── ApiGone                   (Conflict)          410: a watch's cursor expired; list again
     ├── ApiUnavailable            (Unavailable)       503
     ├── ApiTimeout                (kind TIMEOUT)      504
     └── ApiInternal               (kind INTERNAL)     other 5xx, unexpected answers
@@ -98,6 +99,14 @@ class ApiConflict(ApiError, Conflict):
     default_hint = "re-read and retry"
 
 
+class ApiGone(ApiError, Conflict):
+    """The API cannot resume from the cursor given (``allocations.cursor_expired``): the
+    caller lists again and watches from the list's cursor (list + watch)."""
+
+    code = "api.gone"
+    default_hint = "list again and watch from the list's cursor"
+
+
 class ApiUnavailable(ApiError, Unavailable):
     code = "api.unavailable"
     default_hint = "retry in a moment; the control plane cannot reach its database"
@@ -134,6 +143,7 @@ _BY_STATUS: dict[int, type[ApiError]] = {
     404: ApiNotFound,
     405: ApiInvalid,
     409: ApiConflict,
+    410: ApiGone,
     413: ApiInvalid,
     415: ApiInvalid,
     422: ApiInvalid,

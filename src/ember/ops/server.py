@@ -263,7 +263,14 @@ def _machine_capacity(reserve_vcpus: int = 1, reserve_mb: int = 1024) -> tuple[i
     help="vmlinux and initrd.gz [default: guest/build of the checkout, else $EMBER_HOME/guest]",
 )
 @click.option("--image-budget-mb", type=click.IntRange(64), default=20_480, show_default=True)
-@click.option("--poll", type=click.FloatRange(0.1, 30), default=1.0, show_default=True)
+@click.option(
+    "--poll",
+    type=click.FloatRange(0.1, 30),
+    default=1.0,
+    show_default=True,
+    help="seconds between passes that observe the VMs and run health checks (a change of "
+    "allocations, watched, starts a pass at once)",
+)
 @click.option("--heartbeat", type=click.FloatRange(0.5, 300), default=5.0, show_default=True)
 @pass_ops
 def agent(
@@ -279,7 +286,7 @@ def agent(
     poll: float,
     heartbeat: float,
 ) -> None:
-    """The host agent: enrolls once, heartbeats, polls its allocations and runs them as
+    """The host agent: enrolls once, heartbeats, watches its allocations and runs them as
     QEMU microVMs. Stops on SIGTERM; the VMs keep running and are adopted on restart."""
     import logging
     import socket

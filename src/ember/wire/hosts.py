@@ -144,6 +144,28 @@ class Allocations(BaseModel):
     items: list[Allocation]
 
 
+class AllocationEvent(BaseModel):
+    type: Literal["added", "modified", "removed"] = Field(
+        description="added: newly assigned to the host; modified: its state or desired "
+        "changed; removed: it ended (stopped, failed, lost): stop and forget it."
+    )
+    allocation: Allocation = Field(
+        description="The allocation as it is now (removed: its final state, desired stop)."
+    )
+
+
+class AllocationChanges(BaseModel):
+    host_id: str
+    cursor: str = Field(
+        description="Applying the events to the allocations at the request's cursor gives "
+        "exactly the allocations at this one (watch from here next)."
+    )
+    events: list[AllocationEvent] = Field(
+        description="Each changed allocation once, by instance id; empty when the wait ran "
+        "out. At least once: an event may repeat what the caller has already seen."
+    )
+
+
 class InstanceReport(Body):
     host_id: str = Field(min_length=1, max_length=63)
     state: str = Field(

@@ -8,21 +8,30 @@ takes no Authorization at all (its one-time token is in the body). Heartbeats, r
 and enrolment ignore ``Idempotency-Key``: they are idempotent by nature (a repeat changes
 nothing), and storing a replay record per heartbeat would write on every beat of every
 host — exactly what keeping heartbeats out of the log avoids.
+
+The allocation watch is a long-poll like the edge's snapshot: an asyncio task waiting on
+the host's key of the allocation feed (ember.api.edge_feed), so a waiting agent holds no
+worker thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Request, Response
+from fastapi import APIRouter, Body, Depends, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from ember.api import convert, idempotency
 from ember.api.deps import Caller, Paging, Svc, Who
 from ember.api.enrollment import Enrollment
 from ember.api.errors import ERROR_RESPONSES as ERRORS
-from ember.api.hosts import Hosts
+from ember.api.errors import error_response
+from ember.api.hosts import AllocationChange, CursorExpired, Hosts
 from ember.api.idempotency import IdempotencyContext
+from ember.core.events import Cursor
+from ember.core.instances import TERMINAL
 from ember.core.tenancy import Principal
 from ember.wire import hosts as wh
 from ember.wire import models as w
@@ -30,6 +39,14 @@ from ember.wire import models as w
 router = APIRouter()
 
 Row = dict[str, Any]
+MAX_WAIT_S = 30.0
+_GONE: dict[int | str, dict[str, Any]] = {
+    410: {
+        "model": w.ErrorEnvelope,
+        "description": "`allocations.cursor_expired`: the watch cannot resume from this "
+        "cursor; list the allocations again and watch from the list's cursor.",
+    }
+}
 
 
 def hosts(request: Request) -> Hosts:
@@ -246,22 +263,79 @@ def allocations(host_id: str, svc: Hst, who: Caller) -> wh.Allocations:
     ended, and the cursor of the views they were read from. An operator, or the host's
     own node."""
     rows, cursor = svc.allocations(who, host_id)
-    return wh.Allocations(
-        host_id=host_id,
-        cursor=cursor,
-        items=[
-            wh.Allocation(
-                instance_id=r["instance_id"],
-                app_id=r["app_id"],
-                env=r["env"],
-                process=r["process"],
-                state=r["state"],
-                desired="stop" if r["state"] == "stopping" else "run",
-                spec=r["spec"],
-            )
-            for r in rows
-        ],
+    return wh.Allocations(host_id=host_id, cursor=cursor, items=[allocation(r) for r in rows])
+
+
+def allocation(row: Row) -> wh.Allocation:
+    ending = row["state"] == "stopping" or row["state"] in TERMINAL
+    return wh.Allocation(
+        instance_id=row["instance_id"],
+        app_id=row["app_id"],
+        env=row["env"],
+        process=row["process"],
+        state=row["state"],
+        desired="stop" if ending else "run",
+        spec=row["spec"],
     )
+
+
+@router.get(
+    "/v1/hosts/{host_id}/allocations/watch",
+    response_model=wh.AllocationChanges,
+    responses={**ERRORS, **_GONE},
+    tags=["agents"],
+)
+async def watch_allocations(
+    host_id: str,
+    request: Request,
+    who: Caller,
+    cursor: Annotated[
+        str | None,
+        Query(
+            max_length=41,
+            pattern=r"^\d{1,20}-\d{1,20}$",
+            description="The cursor of the list, or of the previous watch answer; omitted: "
+            "every current allocation is `added` (the list, in the watch's shape).",
+        ),
+    ] = None,
+    wait: Annotated[
+        float,
+        Query(ge=0, le=MAX_WAIT_S, description="Seconds to wait for a change after `cursor`."),
+    ] = 0,
+) -> Response:
+    """What changed in the host's allocations after `cursor`: each changed allocation once
+    (`added`, `modified`, `removed`) and the cursor to watch from next. With `wait`,
+    answers as soon as something changed, or with no events when the wait runs out. 410
+    `allocations.cursor_expired` when the cursor cannot be resumed from (another
+    database's, or too far behind): list again. An operator, or the host's own node."""
+    svc: Hosts = request.app.state.hosts
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + min(wait, svc.max_wait_s)
+    try:
+        if cursor is None:  # from nothing, as Kubernetes: every allocation is added
+            rows, upto = await run_in_threadpool(svc.allocations, who, host_id)
+            changes = [AllocationChange("added", r) for r in rows]
+        else:
+            await run_in_threadpool(svc.check_watch, who, host_id)
+            changes, upto = await run_in_threadpool(
+                svc.allocation_changes, host_id, Cursor.parse(cursor)
+            )
+        while not changes and (left := deadline - loop.time()) > 0:
+            # Nothing for this host up to ``upto``: wait past it (a cursor of our own now,
+            # so neither checked nor bounded), then read once more, also when time ran out.
+            after = Cursor.parse(upto)
+            await svc.feed.wait_past(after, left, key=host_id)
+            changes, upto = await run_in_threadpool(
+                svc.allocation_changes, host_id, after, check=False
+            )
+    except CursorExpired as exc:
+        return error_response(410, {"error": exc.to_dict()})
+    out = wh.AllocationChanges(host_id=host_id, cursor=upto, events=[_event(c) for c in changes])
+    return JSONResponse(convert.dump(out))
+
+
+def _event(change: AllocationChange) -> wh.AllocationEvent:
+    return wh.AllocationEvent(type=change.type, allocation=allocation(change.row))
 
 
 @router.post(

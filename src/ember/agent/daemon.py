@@ -113,8 +113,8 @@ __all__ = [
 
 class ControlPlane(Protocol):
     """The control plane's agent routes. One that is also an
-    :class:`~ember.agent.watch.AllocationSource` (list + watch, as ClientControlPlane) is
-    watched; another (a file, in the boot benchmark) is listed on every step."""
+    :class:`~ember.agent.watch.AllocationSource` (list + watch: ClientControlPlane, the
+    boot benchmark's file control plane) is watched; another is listed on every step."""
 
     def heartbeat(self, host_id: str, report: Mapping[str, Any]) -> None: ...
 

@@ -217,6 +217,17 @@ def test_hello_http_is_served_through_the_edge(
     assert platform.edge_get(port) == SAMPLE_PAGE
     text = platform.run("status", "--app", "hello-http").stdout
     assert "healthy" in text and "Converged" in text
+
+    # The VM's console reaches `ember logs`: httpd -v logs each request it answered.
+    def request_logged() -> bool:
+        out = platform.run("logs", "--app", "hello-http", "--json").stdout
+        lines = [json.loads(line) for line in out.splitlines()]
+        return any(
+            ln["instance_id"] == instance["instance_id"] and "response:200" in ln["line"]
+            for ln in lines
+        )
+
+    wait_for("the request in ember logs", request_logged, 30)
     platform.run("scale", "web=0", "--app", "hello-http")
 
 

@@ -17,7 +17,11 @@ D1, D2 = "sha256:" + "1" * 64, "sha256:" + "2" * 64
 
 
 def manifest(app: str) -> str:
-    return f'schema_version = 1\napp = "{app}"\n[processes]\nweb = "httpd -f -p 8080"\n'
+    # One replacement of a crashed instance, then the restart policy gives up (a halt).
+    return (
+        f'schema_version = 1\napp = "{app}"\n[processes]\nweb = "httpd -f -p 8080"\n'
+        "[restart]\nmax_retries = 1\n"
+    )
 
 
 @pytest.fixture

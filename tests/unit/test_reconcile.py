@@ -588,7 +588,7 @@ def test_canary_abort_stops_the_canary_and_rolls_the_release_back() -> None:
 
 @pytest.mark.parametrize("auto_rollback", [False, True])
 def test_failing_rollout_halts_once_and_keeps_the_old_instances(auto_rollback: bool) -> None:
-    m = manifest()
+    m = manifest(retries=1)  # one replacement, then the restart policy gives up
     world = started(World(release(1, m), health_delay=1), count=2)
     old = {i.instance_id for i in world.live()}
     world.deploy(release(2, m, BROKEN, auto_rollback=auto_rollback))
@@ -835,6 +835,43 @@ def test_restart_policy_bounds_replacements(
         assert made == replacements
         assert world.live() == []
     assert not [t for t in world.types() if t.startswith("rollout.")]
+
+
+@pytest.mark.parametrize(
+    ("policy", "retries", "limit", "failures"),
+    [
+        ("no", 10, None, 1),
+        ("on-failure", 0, None, 1),
+        ("on-failure", 2, None, 3),  # two replacements, then the policy gives up
+        ("on-failure", 10, 2, 2),  # the controller's failure_limit cuts it short
+        ("always", 0, 4, 4),
+    ],
+)
+def test_a_rollout_halts_when_the_restart_policy_gives_up(
+    policy: str, retries: int, limit: int | None, failures: int
+) -> None:
+    """A first deploy whose instances crash: replaced per the restart policy, and halted
+    at once when no replacement comes (not at the deadline)."""
+    m = manifest(policy=policy, retries=retries)
+    world = World(release(1, m), config=ReconcileConfig(failure_limit=limit))
+    world.crash = True
+    world.run(lambda w: bool(rollout_events(w, "halted")), max_steps=60)
+    reason = rollout_events(world, "halted")[0]["reason"]
+    noun = "instance" if failures == 1 else "instances"
+    assert reason.startswith(f"{failures} new {noun} failed"), reason
+    assert len(created(world)) == failures
+    assert world.now < T0 + dt.timedelta(seconds=world.config.rollout_deadline_s)
+    assert world.settle(5) == []  # halted: nothing more is created
+
+
+def test_an_always_policy_crash_loop_halts_at_the_deadline() -> None:
+    m = manifest(policy="always")
+    world = World(release(1, m), config=ReconcileConfig(rollout_deadline_s=30))
+    world.crash = True
+    world.run(lambda w: bool(rollout_events(w, "halted")), max_steps=200)
+    reason = rollout_events(world, "halted")[0]["reason"]
+    assert reason.startswith("deadline passed"), reason
+    assert len(created(world)) > 2  # replaced every time until then
 
 
 def crash_one(world: World) -> str:

@@ -19,9 +19,11 @@ One step per call, per process:
 - the restart policy bounds how many failed instances are replaced (``no``: none,
   ``on-failure``: ``max_retries``); one left failed keeps its place in the count, so a
   scale-up, a drain or a lost host still gets new instances;
-- a rollout whose new instances fail (``failure_limit`` failures) or are not all healthy
-  by its deadline halts with the reason; with auto-rollback the decision asks the
-  controller to roll the release back.
+- a rollout halts with the reason when the restart policy gives up on a process's failed
+  new instances (``no``: the first failure; ``on-failure``: the one after ``max_retries``
+  replacements; ``always`` never gives up), when ``failure_limit`` new instances failed
+  (if the controller sets one), or when not all are healthy by its deadline; with
+  auto-rollback the decision asks the controller to roll the release back.
 """
 
 from __future__ import annotations
@@ -77,8 +79,9 @@ class ObservedInstance:
 @dataclasses.dataclass(frozen=True)
 class ReconcileConfig:
     rollout_deadline_s: float = 300.0
-    failure_limit: int = 2
-    """Failed new instances that halt a rollout."""
+    failure_limit: int | None = None
+    """Failed (or lost) new instances that halt a rollout whatever the restart policy
+    says; None: only the restart policy and the deadline halt it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,10 +239,11 @@ def _halt_reason(
         and i.state in (InstanceState.FAILED, InstanceState.LOST)
         and i.spec_hash == ro.specs.get(i.process)
     ]
-    if len(failed) >= config.failure_limit:
+    limit = config.failure_limit
+    if (limit is not None and len(failed) >= limit) or _policy_gave_up(desired, failed):
         last = max(failed, key=lambda i: (i.created_at, i.instance_id))
         return (
-            f"{len(failed)} new instances failed "
+            f"{len(failed)} new instance{'' if len(failed) == 1 else 's'} failed "
             f"(last: {last.instance_id} of {last.process}: {last.reason or last.state.value})"
         )
     if ro.phase == "running" and now >= ro.deadline_at:
@@ -257,6 +261,21 @@ def _halt_reason(
         if waiting:
             return "deadline passed before the new instances were healthy: " + ", ".join(waiting)
     return None
+
+
+def _policy_gave_up(desired: Mapping[str, Desired], failed: Sequence[ObservedInstance]) -> bool:
+    """Some process has more failed new instances than its restart policy replaces: no
+    replacement comes, so the rollout cannot complete (and must not wait for its
+    deadline), while a policy that still promises restarts is not cut short."""
+    for name, want in desired.items():
+        policy = want.spec.restart_policy
+        if policy == "always":
+            continue
+        allowed = 0 if policy == "no" else want.spec.max_retries
+        exited = sum(1 for i in failed if i.process == name and i.state is InstanceState.FAILED)
+        if exited > allowed:
+            return True
+    return False
 
 
 def _order_to_stop(insts: Sequence[ObservedInstance]) -> list[ObservedInstance]:

@@ -78,16 +78,17 @@ step "10. Every change is an event; views are projections of the log"
 $EMBER admin events streams | head -n 12
 $EMBER admin projections verify
 
-cat <<MSG
+cat <<'MSG'
 
 Try next:
-  ember scale web=3 --app $APP          # three microVMs behind the same edge port
-  ember logs -f --app $APP              # follow the console output
-  ember deploy --image build/oci        # (in examples/$APP) a new release, rolled out
-  ember rollback --app $APP             # back to the previous release
-  ember routes create --hostname hello-tls --process web --backend-port 8443 --app hello-tls
-                                        # TLS passthrough, routed on SNI
-  ember dev down                        # stop everything; data stays in \$EMBER_HOME
+  ember scale web=3 --app hello-http     # three microVMs behind the same edge port
+  ember logs -f --app hello-http         # follow the console output (Ctrl-C stops)
+  cd examples/hello-http && ember deploy --image build/oci
+                                         # a new release, rolled out instance by instance
+  ember rollback --app hello-http        # back to the previous release's contents
+  ember routes create --hostname hello-tls --process web --backend-port 8443 \
+      --proxy-protocol v2 --app hello-tls  # TLS passthrough routed on SNI (see examples/)
+  ember dev down                         # stop everything; data stays in $EMBER_HOME
 MSG
 
 step "11. The page, served by a microVM through the edge (curl http://127.0.0.1:$port/)"

@@ -287,6 +287,24 @@ def test_operator_events_survive_a_rebuild(api: Api, op: str) -> None:
 # -- agents: allocations and reports ---------------------------------------------------------
 
 
+def test_allocations_name_the_apps_org_for_the_hosts_firewall(
+    api: Api, op: str, tenant: Tenant
+) -> None:
+    register(api, op, "h1")
+    place(api, "h1", "ins_t", app_id=tenant.app_id)
+    place(api, "h1", "ins_x")  # an app the views do not know (a test's own): no org
+    items = api.call("GET", "/v1/hosts/h1/allocations", op, 200)["items"]
+    assert {a["instance_id"]: a["org_id"] for a in items} == {
+        "ins_t": tenant.org_id,
+        "ins_x": "",
+    }
+    watched = api.call("GET", "/v1/hosts/h1/allocations/watch?wait=0", op, 200)["events"]
+    assert {e["allocation"]["instance_id"]: e["allocation"]["org_id"] for e in watched} == {
+        "ins_t": tenant.org_id,
+        "ins_x": "",
+    }
+
+
 def test_allocations_list_what_the_host_should_run_with_a_cursor(api: Api, op: str) -> None:
     register(api, op, "h1")
     register(api, op, "h2")

@@ -281,3 +281,9 @@ def test_a_record_of_an_older_agent_keeps_its_healthy_flag(tmp_path: Path) -> No
     old["healthy"] = False
     (tmp_path / "state.json").write_text(json.dumps({"version": 1, "instances": {"i1": old}}))
     assert StateStore(tmp_path).load().instances["i1"].health is None
+
+
+def test_an_instance_joins_its_orgs_network_group_else_its_apps_alone() -> None:
+    assert Allocation("i1", "assigned", "run", SPEC, app_id="a1", org_id="o1").network_group == "o1"
+    # Without an org (an older control plane) it may reach its own app's instances only.
+    assert Allocation("i1", "assigned", "run", SPEC, app_id="a1").network_group == "app:a1"

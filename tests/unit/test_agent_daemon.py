@@ -187,8 +187,8 @@ def test_adopted_vms_rejoin_the_host_network_before_it_changes(tmp_path: Path) -
     assert again.adopt() == ["i1"]
     control.allocs["i2"] = Allocation("i2", "assigned", "run", SPEC, "app-b", "web")
     converge(again)
-    assert network.attached[0] == ("i1", "app-a")
-    assert sorted(set(network.attached)) == [("i1", "app-a"), ("i2", "app-b")]
+    assert network.attached[0] == ("i1", "app:app-a")
+    assert sorted(set(network.attached)) == [("i1", "app:app-a"), ("i2", "app:app-b")]
     assert len(driver.starts) == 2  # i2 only: i1 was adopted, not restarted
     again.close()
 

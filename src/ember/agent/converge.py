@@ -63,6 +63,13 @@ class Allocation:
     spec: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     app_id: str = ""
     process: str = ""
+    org_id: str = ""
+
+    @property
+    def network_group(self) -> str:
+        """Whom the instance may reach on the host (ember.agent.net.firewall): its org's
+        instances; its app's alone when the control plane names no org."""
+        return self.org_id or f"app:{self.app_id}"
 
     @classmethod
     def from_wire(cls, item: Any) -> Allocation:
@@ -73,6 +80,7 @@ class Allocation:
             spec=dict(item.spec),
             app_id=item.app_id,
             process=item.process,
+            org_id=getattr(item, "org_id", ""),
         )
 
 

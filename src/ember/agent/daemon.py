@@ -25,8 +25,11 @@ results are read from the console log, trusted only with the instance's per-boot
 ``check_token``. A changed verdict is recorded and reported by the plan: ``healthy`` ⇄
 ``unhealthy``, each transition once.
 
-Not yet: per-org firewall grouping (the allocation carries no org: instances are
-grouped by app, which is stricter), secrets and volumes on the config drive.
+Network: each instance joins its allocation's org group in the host firewall
+(:attr:`ember.agent.converge.Allocation.network_group`): instances of one org reach each
+other, never another org's, nor the host's own services.
+
+Not yet: secrets and volumes on the config drive.
 """
 
 from __future__ import annotations
@@ -461,7 +464,7 @@ class Agent:
         # whole, and from the next attach on a tap it does not know could send nothing.
         self._adopted &= self._allocs.keys()
         for iid in sorted(self._adopted):
-            self.network.attach(iid, self._allocs[iid].app_id)
+            self.network.attach(iid, self._allocs[iid].network_group)
             self._adopted.discard(iid)
         with self._lock:
             local = {
@@ -565,7 +568,7 @@ class Agent:
                     capture_output=True,
                 )
                 os.replace(tmp, rootfs)
-            lease = self.network.attach(iid, alloc.app_id)
+            lease = self.network.attach(iid, alloc.network_group)
             address = str(lease.ipv6)
             checks = checks_of(spec.services, alloc.process)
             # A fresh secret per boot: only the init knows it inside the guest.

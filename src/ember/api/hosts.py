@@ -87,12 +87,13 @@ _WINDOW = (
 # Every instance transition names its instance in data.instance_id (events.md §10); an
 # instance's host_id never changes once assigned, so the view's host is the event's host.
 _CHANGED = f"""
-SELECT i.*, bool_or(e.type = 'instance.assigned') AS assigned_in_window
+SELECT i.*, a.org_id, bool_or(e.type = 'instance.assigned') AS assigned_in_window
 FROM (SELECT e.data->>'instance_id' AS instance_id, e.type FROM events e
       WHERE {_WINDOW} AND e.type LIKE 'instance.%%') e
 JOIN view_instances i USING (instance_id)
+LEFT JOIN view_apps a ON a.app_id = i.app_id
 WHERE i.host_id = %s
-GROUP BY i.instance_id ORDER BY i.instance_id
+GROUP BY i.instance_id, a.org_id ORDER BY i.instance_id
 """
 _HOSTS_CHANGED = f"""
 SELECT DISTINCT i.host_id
@@ -265,8 +266,9 @@ class Hosts:
             ).fetchone()
             with conn.cursor() as cur:
                 cur.execute(
-                    f"SELECT i.* FROM view_instances i WHERE i.host_id = %s AND {_LIVE} "
-                    "ORDER BY i.instance_id",
+                    "SELECT i.*, a.org_id FROM view_instances i "
+                    "LEFT JOIN view_apps a ON a.app_id = i.app_id "
+                    f"WHERE i.host_id = %s AND {_LIVE} ORDER BY i.instance_id",
                     (host_id,),
                 )
                 names = [c.name for c in cur.description or ()]

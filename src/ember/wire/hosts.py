@@ -125,6 +125,11 @@ class HostDetail(Host):
 
 class Allocation(BaseModel):
     instance_id: str
+    org_id: str = Field(
+        "",
+        description="The app's org: the host's firewall lets instances of one org reach "
+        "each other and no other org's.",
+    )
     app_id: str
     env: str
     process: str

@@ -270,6 +270,7 @@ def allocation(row: Row) -> wh.Allocation:
     ending = row["state"] == "stopping" or row["state"] in TERMINAL
     return wh.Allocation(
         instance_id=row["instance_id"],
+        org_id=row["org_id"] or "",
         app_id=row["app_id"],
         env=row["env"],
         process=row["process"],

@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
-BENCHES := eventlog api scheduler edge boot
+BENCHES := eventlog api scheduler edge boot deploy
 QUICK ?=
 
 .PHONY: bootstrap lint fmt typecheck test test-fast demo bench $(addprefix bench-,$(BENCHES)) schema openapi clean guest

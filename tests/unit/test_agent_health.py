@@ -21,6 +21,7 @@ from ember.agent.daemon import Agent, AgentConfig, probe
 from ember.agent.guest_config import GuestCheck, parse
 from ember.agent.health import (
     FAILURE_THRESHOLD,
+    GRACE_PROBE_INTERVAL_S,
     STARTUP_INTERVAL_S,
     Check,
     InstanceHealth,
@@ -139,6 +140,20 @@ def test_the_schedule_startup_rate_until_the_first_pass_then_the_interval() -> N
     assert h.due(10.9) == []
     assert h.due(11) == [0]  # every interval_s = 10 once it passed
     assert h.due(0.5) == [0]  # the clock went back: run rather than stall
+
+
+def test_within_the_grace_period_a_check_is_probed_often_until_it_passes() -> None:
+    # TCP's grace period is 5 s: its failures there do not count, so probing often is free.
+    h = InstanceHealth.of((TCP,)).started(0, 100.0)
+    assert h.due(100.0 + GRACE_PROBE_INTERVAL_S - 0.01, started_at=100.0) == []
+    assert h.due(100.0 + GRACE_PROBE_INTERVAL_S, started_at=100.0) == [0]
+    # Past the grace period: the startup rate again.
+    late = InstanceHealth.of((TCP,)).started(0, 106.0)
+    assert late.due(106.0 + GRACE_PROBE_INTERVAL_S, started_at=100.0) == []
+    assert late.due(106.0 + STARTUP_INTERVAL_S, started_at=100.0) == [0]
+    # Once it passed: its interval, grace or not.
+    ok = h.started(0, 100.4).record(0, OK, now=100.5, started_at=100.0)
+    assert ok.due(101.0, started_at=100.0) == []
 
 
 # -- properties -----------------------------------------------------------------------------

@@ -313,8 +313,9 @@ class Agent:
         self._probes: dict[str, dict[int, Future[Result]]] = {}
         self._consoles: dict[str, ConsoleCursor] = {}
         self._wake = threading.Event()
-        """Set to step at once (not at the next ``poll_s``): the allocations changed, or
-        a health probe answered (so a passing check is reported without delay)."""
+        """Set to step at once (not at the next ``poll_s``): the allocations changed, a
+        health probe answered (so a passing check is reported without delay), or slow
+        work (a start, a stop) finished."""
         self.logs = LogShipper(
             store.data_dir / "logship.json",
             lambda iid, lines: control.ship_logs(config.host_id, iid, lines),
@@ -440,7 +441,7 @@ class Agent:
                     result = Result(got.ok, got.detail)
                     health = health.record_guest(got.index, result, now=now, started_at=started_at)
         address = record.address or ""
-        for index in health.due(now) if address else ():
+        for index in health.due(now, started_at) if address else ():
             if index not in probes:  # never two runs of one check at once
                 probes[index] = self._checks.submit(self.health, address, health.checks[index])
                 probes[index].add_done_callback(lambda _: self._wake.set())
@@ -513,7 +514,11 @@ class Agent:
 
     def _submit(self, instance_id: str, fn: Callable[[], None]) -> None:
         with self._lock:
-            self._busy[instance_id] = self._pool.submit(fn)
+            future = self._pool.submit(fn)
+            self._busy[instance_id] = future
+        # Its outcome (a VM started or stopped) is reported, and a started VM's checks
+        # begin, at the next step: make that now, not a poll interval later.
+        future.add_done_callback(lambda _: self._wake.set())
 
     def _execute(self, action: Action) -> None:
         iid = action.instance_id

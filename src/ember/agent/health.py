@@ -9,9 +9,11 @@ each result on the console (docs/specs/guest-config.md §4), which the agent rec
 reads them (:meth:`InstanceHealth.record_guest`).
 
 **Schedule.** A check runs every ``interval``; until it first passes, every
-:data:`STARTUP_INTERVAL_S` (or its interval, when shorter), so that an instance is
-reported healthy soon after it is ready rather than up to one interval later. A run
-that has not answered after ``timeout`` fails. A check never runs twice at once.
+:data:`STARTUP_INTERVAL_S` (or its interval, when shorter), and within its grace period
+every :data:`GRACE_PROBE_INTERVAL_S` — failures there do not count, so probing often
+costs nothing but a connection, and an instance is reported healthy within a fraction
+of a second of being ready (a deploy is that much faster), not up to a second later. A
+run that has not answered after ``timeout`` fails. A check never runs twice at once.
 
 **Verdict** (:attr:`InstanceHealth.verdict`):
 
@@ -36,6 +38,7 @@ from ember.core.manifest import parse_duration
 
 __all__ = [
     "FAILURE_THRESHOLD",
+    "GRACE_PROBE_INTERVAL_S",
     "STARTUP_INTERVAL_S",
     "Check",
     "CheckState",
@@ -51,6 +54,8 @@ FAILURE_THRESHOLD = 3
 
 STARTUP_INTERVAL_S = 1.0
 """How often a check runs until it first passes (at most: its interval if shorter)."""
+GRACE_PROBE_INTERVAL_S = 0.2
+"""...and until it first passes within its grace period (at most: its interval)."""
 
 _DEFAULTS = {"interval": "10s", "timeout": "2s", "grace_period": "5s"}
 
@@ -134,8 +139,11 @@ def checks_of(services: Sequence[Mapping[str, Any]], process: str) -> tuple[Chec
     return tuple(out)
 
 
-def _interval(check: Check, state: CheckState) -> float:
-    return check.interval_s if state.passed_once else min(check.interval_s, STARTUP_INTERVAL_S)
+def _interval(check: Check, state: CheckState, in_grace: bool) -> float:
+    if state.passed_once:
+        return check.interval_s
+    startup = GRACE_PROBE_INTERVAL_S if in_grace else STARTUP_INTERVAL_S
+    return min(check.interval_s, startup)
 
 
 def _verdict(states: Sequence[CheckState], previous: Verdict | None) -> Verdict | None:
@@ -167,16 +175,18 @@ class InstanceHealth:
         """The exec checks, in the order the init numbers them (the config drive's)."""
         return tuple(c for c in self.checks if c.in_guest)
 
-    def due(self, now: float) -> list[int]:
+    def due(self, now: float, started_at: float | None = None) -> list[int]:
         """The agent-run checks to start now (the caller runs each at most once at a
-        time: it calls :meth:`started` when it starts one)."""
+        time: it calls :meth:`started` when it starts one); ``started_at``, the
+        instance's start, tells the grace period (None: not in it)."""
         out = []
         for i, (check, state) in enumerate(zip(self.checks, self.states, strict=True)):
             if check.in_guest:
                 continue
             last = state.last_run
             # A wall clock that went back must not stall the checks until it catches up.
-            if last is None or now >= last + _interval(check, state) or now < last:
+            in_grace = started_at is not None and now < started_at + check.grace_s
+            if last is None or now >= last + _interval(check, state, in_grace) or now < last:
                 out.append(i)
         return out
 

@@ -123,23 +123,36 @@ class Controller:
 
     def run(self, stop: Callable[[], bool], *, batch_size: int = 500) -> None:
         """Lead or stand by until ``stop()``; then hand the lease over."""
-        try:
-            while not stop():
-                if self.ensure_leader():
-                    try:
-                        self.run_pass(batch_size=batch_size)
-                    except Fenced:
-                        self.metrics.fenced.inc()
-                        log.warning("controller %s: write fenced; stepping down", self.holder)
-                        self.lease = None
-                    except EmberError as exc:
-                        # The database went away mid-pass (or cut off a stalled write):
-                        # nothing half-done is kept; re-check the lease before acting again.
-                        log.warning("controller %s: pass failed: %s", self.holder, exc.message)
-                        self.lease = None
-                time.sleep(self.config.interval_s)
-        finally:
-            self.step_down()
+        with self.log.wakeups() as wait:
+            try:
+                self._run(stop, wait, batch_size)
+            finally:
+                self.step_down()
+
+    def _run(
+        self, stop: Callable[[], bool], wait: Callable[[float], None], batch_size: int
+    ) -> None:
+        # A pass runs as soon as an event is appended (a deploy, a scale, an agent's
+        # report) — not on the next tick — and at least every interval_s for what time
+        # alone changes (deadlines, heartbeats). A pass that appends wakes the next one
+        # at once: multi-step work (place, then start a rollout's next step) goes on
+        # without waiting out a tick; a pass with nothing to do appends nothing.
+        while not stop():
+            if not self.ensure_leader():
+                time.sleep(self.config.interval_s)  # standing by: the lease, on a timer
+                continue
+            try:
+                self.run_pass(batch_size=batch_size)
+            except Fenced:
+                self.metrics.fenced.inc()
+                log.warning("controller %s: write fenced; stepping down", self.holder)
+                self.lease = None
+            except EmberError as exc:
+                # The database went away mid-pass (or cut off a stalled write): nothing
+                # half-done is kept; re-check the lease before acting again.
+                log.warning("controller %s: pass failed: %s", self.holder, exc.message)
+                self.lease = None
+            wait(self.config.interval_s)
 
     # -- one pass ------------------------------------------------------------------------
 

@@ -50,7 +50,17 @@ def api(ops: OpsContext, host: str, port: int, workers: int) -> None:
     registry = os.environ.get("EMBER_REGISTRY_URL") or None
     routing = load_routing_config(os.environ)
     app = create_app(ApiSettings(database_url=url, registry_url=registry, routing=routing))
-    uvicorn.run(app, host=host, port=port, workers=workers, access_log=False, log_level="warning")
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        workers=workers,
+        access_log=False,
+        log_level="warning",
+        # Long-polls (the edge's feed, agents' watches, `ember logs -f`) hold connections
+        # for up to 30 s; on SIGTERM they are cut after this, and their clients re-poll.
+        timeout_graceful_shutdown=2,
+    )
 
 
 @server.command()

@@ -13,10 +13,11 @@ no skipped events, and no wall-clock gap timeout.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
 
 import psycopg
@@ -271,6 +272,30 @@ class EventLog:
                 "ORDER BY events.xid DESC, events.position DESC LIMIT 1"
             ).fetchone()
         return Cursor(int(row[0]), int(row[1])) if row else ZERO
+
+    @contextlib.contextmanager
+    def wakeups(self) -> Iterator[Callable[[float], None]]:
+        """``wait(timeout)``: returns as soon as an append commits (a NOTIFY on
+        :data:`CHANNEL`) or after ``timeout`` — for a loop that should react to new events
+        at once yet still run on a timer. A NOTIFY is only a hint: the loop reads what
+        it needs itself. Without a connection (the database is away) it just sleeps."""
+        try:
+            conn = connect(self.db.conninfo, autocommit=True)
+            conn.execute(f"LISTEN {CHANNEL}")
+        except psycopg.Error:
+            yield time.sleep
+            return
+
+        def wait(timeout: float) -> None:
+            try:
+                wait_for_notify(conn, timeout, None)
+            except psycopg.Error:
+                time.sleep(timeout)  # the connection broke: a timer until the caller's next
+
+        try:
+            yield wait
+        finally:
+            conn.close()
 
     def subscribe(
         self,

@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from ember.dev.examples import versioned_hello_http_manifest
 from tests.integration.test_qemu_boot import guest  # noqa: F401  (the session fixture)
 from tests.support.agentstack import (
     SAMPLE,
@@ -47,54 +48,10 @@ pytestmark = [
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# hello-http's image with a command that tells the instances and releases apart: each
-# writes its hostname and the release's VERSION into the served directory (a copy in
-# /tmp: the workload runs as nobody, who cannot write the image's /www).
-SCRIPT = " && ".join(
-    (
-        "mkdir -p /tmp/www",
-        "cp /www/index.html /tmp/www/",
-        "hostname > /tmp/www/who",
-        "echo v$VERSION > /tmp/www/version",
-        "exec httpd -f -v -p 8080 -h /tmp/www",
-    )
-)
-SITE = """\
-schema_version = 1
-app = "{app}"
-
-[processes]
-web = ["/bin/sh", "-c", {script}]
-
-[env]
-VERSION = "{version}"
-
-[[services]]
-process = "web"
-internal_port = 8080
-protocol = "tcp"
-
-  [[services.checks]]
-  type = "http"
-  path = "/version"
-  interval = "1s"
-  timeout = "1s"
-  grace_period = "1s"
-
-[[vm]]
-processes = ["web"]
-cpus = 1
-memory_mb = 128
-
-[deploy]
-strategy = "rolling"
-max_surge = 1
-max_unavailable = 0
-"""
-
 
 def site(app: str, version: int) -> str:
-    return SITE.format(app=app, version=version, script=json.dumps(SCRIPT))
+    """hello-http whose instances serve /who (their hostname) and /version."""
+    return versioned_hello_http_manifest(app, version)
 
 
 class Platform(AgentStack):

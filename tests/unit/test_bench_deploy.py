@@ -22,7 +22,6 @@ from ember.bench import deploy
 from ember.bench.boot import SAMPLE_DIR, instance_spec
 from ember.bench.deploy import (
     GOAL_RATIO,
-    ROLLOUT_MANIFEST,
     BenchFailed,
     Outcome,
     RolloutClient,
@@ -37,6 +36,7 @@ from ember.bench.deploy import (
 )
 from ember.core.manifest import normalize, parse_manifest
 from ember.core.workloads import LiveRelease, WorkloadState, desired_processes
+from ember.dev.examples import versioned_hello_http_manifest
 
 DIGEST = "sha256:" + "d" * 64
 
@@ -192,7 +192,7 @@ def test_a_manifest_without_exactly_one_app_line_is_refused() -> None:
 
 @pytest.mark.parametrize("version", [1, 2])
 def test_the_rollout_manifest_is_valid_and_rolls_one_at_a_time(version: int) -> None:
-    manifest = parse_manifest(ROLLOUT_MANIFEST.format(app="bench", version=version))
+    manifest = parse_manifest(versioned_hello_http_manifest("bench", version))
     data = normalize(manifest)
     assert data["app"] == "bench" and data["env"] == {"VERSION": str(version)}
     assert data["deploy"]["strategy"] == "rolling"

@@ -38,13 +38,14 @@ holds the image's root filesystem from then on (warm).
 * ``deploy_overhead_ratio`` = deploy / bare (medians; goal <= 1.5). Rounds alternate
   which of the two goes first.
 * ``rollout_failed_requests`` (goal 0): environment ``rollout`` at 3 instances (2 with
-  ``--quick``) of a manifest that serves its ``VERSION`` (:data:`ROLLOUT_MANIFEST`, rolling,
-  max surge 1, max unavailable 0) behind a TCP route. A client thread requests
-  ``/version`` through the edge back to back (a new connection each) while ``ember
-  deploy`` of ``VERSION=2`` runs to completion (it waits for the rollout), and on until
-  every instance is of v2 and the edge has served v2. A failed request: a connection
-  error or timeout, a status other than 200, or a body that is neither ``v1`` nor ``v2``.
-  ``rollout_requests`` is how many were sent.
+  ``--quick``) of a manifest that serves its ``VERSION``
+  (:func:`ember.dev.examples.versioned_hello_http_manifest`: rolling, max surge 1, max
+  unavailable 0) behind a TCP route. A client thread requests ``/version`` through the
+  edge back to back (a new connection each) while ``ember deploy`` of ``VERSION=2`` runs
+  to completion (it waits for the rollout), and on until every instance is of v2 and the
+  edge has served v2. A failed request: a connection error or timeout, a status other than
+  200, or a body that is neither ``v1`` nor ``v2``. ``rollout_requests`` is how many were
+  sent.
 
 Every tap's IPv6 neighbour discovery retransmits every 10 ms instead of every second, for
 both kinds of boot (as in ``make bench-boot``): a fetch sent before the guest's network is
@@ -96,6 +97,7 @@ from ember.bench.boot import (
 from ember.bench.common import median, write_result
 from ember.client import Client
 from ember.core.errors import EmberError
+from ember.dev.examples import versioned_hello_http_manifest
 from ember.wire.workloads import Status, StatusInstance
 
 EMBER = str(Path(sys.executable).parent / "ember")
@@ -119,50 +121,11 @@ breath for the VMs being rolled."""
 VERSIONS = (b"v1\n", b"v2\n")
 TERMINAL = frozenset({"stopped", "failed", "lost"})
 
-ROLLOUT_MANIFEST = """\
-schema_version = 1
-app = "{app}"
-
-[processes]
-web = [
-  "/bin/sh", "-c",
-  "mkdir -p /tmp/www && echo v$VERSION > /tmp/www/version && exec httpd -f -v -p 8080 -h /tmp/www",
-]
-
-[env]
-VERSION = "{version}"
-
-[[services]]
-process = "web"
-internal_port = 8080
-protocol = "tcp"
-
-  [[services.checks]]
-  type = "http"
-  path = "/version"
-  interval = "1s"
-  timeout = "1s"
-  grace_period = "1s"
-
-[[vm]]
-processes = ["web"]
-cpus = 1
-memory_mb = 128
-
-[deploy]
-strategy = "rolling"
-max_surge = 1
-max_unavailable = 0
-"""
-"""hello-http's image with a command that serves the release's ``VERSION`` at
-``/version`` (also its health check). Under ``/tmp``: the server runs as ``nobody``, who
-cannot write to the image's ``/www``."""
 
 T = TypeVar("T")
 
 __all__ = [
     "GOAL_RATIO",
-    "ROLLOUT_MANIFEST",
     "BenchFailed",
     "Outcome",
     "Samples",
@@ -663,14 +626,14 @@ class RolloutClient:
 def rollout(env: Env, layout: Path, instances: int) -> dict[str, Any]:
     """v1 at ``instances`` behind a TCP route (its deploy is the run's first: the push and
     the warm-up); then v2 rolled out while the client requests; the tally."""
-    env.manifest.write_text(ROLLOUT_MANIFEST.format(app=APP, version=1))
+    env.manifest.write_text(versioned_hello_http_manifest(APP, 1))
     env.scale(instances)  # before the first release: it starts them all at once
     port = env.route()
     env.stack.ember(*env.deploy_argv(layout, "--timeout", "5m"), timeout_s=600)
     env.healthy(instances, 1)
     poll_until("v1 through the edge", lambda: request(port, "/version").body == VERSIONS[0])
 
-    env.manifest.write_text(ROLLOUT_MANIFEST.format(app=APP, version=2))
+    env.manifest.write_text(versioned_hello_http_manifest(APP, 2))
     started = time.monotonic()
     with RolloutClient(port) as client:
         poll_until("the client's first answer", lambda: client.outcomes, 30, interval_s=0.01)

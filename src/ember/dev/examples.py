@@ -134,6 +134,62 @@ EXAMPLES: dict[str, Example] = {
 # -- Debian packages ----------------------------------------------------------------------
 
 
+# The hello-http image with a command that tells instances and releases apart: each
+# instance serves its hostname at /who and the release's VERSION at /version (its health
+# check) besides the page. Under /tmp: the server runs as nobody, who cannot write the
+# image's /www. For the end-to-end tests and `make bench-deploy` (rolling deploys that
+# must show which release and which instance answered).
+_VERSIONED_SCRIPT = " && ".join(
+    (
+        "mkdir -p /tmp/www",
+        "cp /www/index.html /tmp/www/",
+        "hostname > /tmp/www/who",
+        "echo v$VERSION > /tmp/www/version",
+        "exec httpd -f -v -p 8080 -h /tmp/www",
+    )
+)
+_VERSIONED_MANIFEST = """\
+schema_version = 1
+app = "{app}"
+
+[processes]
+web = ["/bin/sh", "-c", {script}]
+
+[env]
+VERSION = "{version}"
+
+[[services]]
+process = "web"
+internal_port = 8080
+protocol = "tcp"
+
+  [[services.checks]]
+  type = "http"
+  path = "/version"
+  interval = "1s"
+  timeout = "1s"
+  grace_period = "1s"
+
+[[vm]]
+processes = ["web"]
+cpus = 1
+memory_mb = 128
+
+[deploy]
+strategy = "rolling"
+max_surge = 1
+max_unavailable = 0
+"""
+
+
+def versioned_hello_http_manifest(app: str, version: int) -> str:
+    """An ember.toml for the hello-http image whose instances serve ``/who`` (their
+    hostname) and ``/version`` (``v<version>``)."""
+    return _VERSIONED_MANIFEST.format(
+        app=app, version=version, script=json.dumps(_VERSIONED_SCRIPT)
+    )
+
+
 def _run(
     argv: Sequence[str], *, cwd: Path | None = None, what: str, hint: str | None = None
 ) -> str:

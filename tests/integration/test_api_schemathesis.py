@@ -97,8 +97,12 @@ def real_names(world: World) -> dict[str, str]:
             headers=t.headers,
         )
     api.client.put(f"/v1/hosts/{FUZZ_HOST}", json=HOST, headers=t.headers)
-    if not api.svc.query("SELECT 1 FROM view_instances WHERE instance_id = %s", [FUZZ_INSTANCE]):
-        place(api, FUZZ_HOST, FUZZ_INSTANCE, app_id=t.app_id, env=t.env)
+    # One instance per incarnation of the app: a fuzzed DELETE may have removed the app
+    # (it is made again above, with a new id), and an instance of a deleted app is
+    # nobody's (its log lines are refused, for one).
+    instance_id = f"{FUZZ_INSTANCE}_{t.app_id.removeprefix('app_')[-12:].lower()}"
+    if not api.svc.query("SELECT 1 FROM view_instances WHERE instance_id = %s", [instance_id]):
+        place(api, FUZZ_HOST, instance_id, app_id=t.app_id, env=t.env)
     awaiting_canary(api, t.app_id, t.env)  # so promote and abort have a rollout to act on
     # A route and a dedicated address to read and delete (a fuzzed DELETE may have taken
     # the last ones); the route binds the shared address, so the address can be released.
@@ -115,7 +119,7 @@ def real_names(world: World) -> dict[str, str]:
     ip = ips[0] if ips else api.call("POST", f"/v1/orgs/{t.org}/ips", t.token, 201, {})
     return {
         "host_id": FUZZ_HOST,
-        "instance_id": FUZZ_INSTANCE,
+        "instance_id": instance_id,
         "version": "1",
         "org": t.org,
         "app": t.app,

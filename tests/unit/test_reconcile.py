@@ -607,6 +607,23 @@ def test_failing_rollout_halts_once_and_keeps_the_old_instances(auto_rollback: b
     assert {i.instance_id for i in world.healthy()} == old
 
 
+def test_a_new_release_retries_a_halted_rollout_even_with_the_same_specs() -> None:
+    m = manifest(retries=0)
+    world = started(World(release(1, m), health_delay=1), count=1)
+    world.deploy(release(2, m, BROKEN))
+    world.run(lambda w: bool(rollout_events(w, "halted")), max_steps=30)
+    assert world.decide() == Decision()  # halted: nothing more for release 2
+    broken = len([d for d in created(world) if d["spec"]["image_digest"] == BROKEN])
+
+    # The same image and settings deployed again (release 3): a new attempt.
+    world.deploy(release(3, m, BROKEN))
+    first = world.step()
+    assert [e.event_type for e in first.events] == ["rollout.started"]
+    world.run(lambda w: len(rollout_events(w, "halted")) == 2, max_steps=30)
+    assert len([d for d in created(world) if d["spec"]["image_digest"] == BROKEN]) > broken
+    assert world.decide() == Decision()  # halted again, once
+
+
 def test_halting_decision_carries_the_rollback() -> None:
     m = manifest()
     world = started(World(release(1, m), health_delay=0), count=1)

@@ -113,7 +113,11 @@ def reconcile(
     desired = desired_processes(release, state)
     specs = {name: d.spec_hash for name, d in desired.items()}
     ro = state.rollout
-    if ro is None or ro.specs != specs:
+    # A new rollout for new specs — and for a new release after a halt even when its specs
+    # are the same (a redeploy after fixing what the app depends on, or a rollback to the
+    # halted contents): a deploy is a new attempt, as users of Heroku and Fly expect.
+    retry = ro is not None and ro.phase == "halted" and ro.release_version != release.version
+    if ro is None or ro.specs != specs or retry:
         if ro is not None and ro.phase == "aborted" and ro.release_version == release.version:
             return Decision()  # waiting for the controller's rollback to land
         return Decision(

@@ -17,7 +17,7 @@ from ember.core.errors import (
 from ember.core.events import ANY, ZERO, Cursor, NewEvent
 from ember.store.db import Database
 from ember.store.errors import DatabaseUnavailable, StoreError
-from ember.store.eventlog import EventLog
+from ember.store.eventlog import EventLog, _Wakeups
 from tests.support.events import REGISTRY, tick
 
 
@@ -233,3 +233,26 @@ def test_a_malformed_database_url_is_a_validation_error() -> None:
     with pytest.raises(ValidationFailed) as err:
         Database("nonsense=1")
     assert err.value.detail == {"field": "EMBER_DATABASE_URL"}
+
+
+def test_wakeups_return_on_an_append_and_fall_back_to_a_timer_without_a_database(
+    log: EventLog,
+) -> None:
+    woke = threading.Event()
+    with log.wakeups() as wait:
+        wait(0.01)  # listening from here on
+
+        def waiter() -> None:
+            wait(60)
+            woke.set()
+
+        thread = threading.Thread(target=waiter, daemon=True)
+        thread.start()
+        log.append("counter-wake", ANY, [tick(1)])
+        # Far below the 60 s timer: the append's NOTIFY woke it (no tight timing here).
+        assert woke.wait(20), "an append did not wake the waiter"
+        thread.join(5)
+
+    waker = _Wakeups("host=/nonexistent/socket port=1 dbname=nope user=nope connect_timeout=1")
+    waker.wait(0.01)  # the database is away: a timer, no error
+    assert waker.conn is None

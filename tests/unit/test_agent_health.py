@@ -4,10 +4,12 @@ fake driver and clock (tcp checks it probes itself; exec check lines from the co
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import http.server
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from ember.agent.guest_config import GuestCheck, parse
 from ember.agent.health import (
     FAILURE_THRESHOLD,
     GRACE_PROBE_INTERVAL_S,
+    REASON_MAX_CHARS,
     STARTUP_INTERVAL_S,
     Check,
     InstanceHealth,
@@ -272,6 +275,50 @@ def test_probe_times_out_on_a_server_that_never_answers() -> None:
         server.listen()  # accepts connections (the kernel's backlog) but never answers
         port = server.getsockname()[1]
         assert probe("127.0.0.1", Check("http", port, timeout_s=0.2)) == Result(False, "timeout")
+
+
+def _serve_once(answer: Callable[[socket.socket], None]) -> tuple[int, threading.Thread]:
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+
+    def run() -> None:
+        with server:
+            conn, _ = server.accept()
+            with conn, contextlib.suppress(OSError):
+                conn.recv(1024)
+                answer(conn)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return server.getsockname()[1], thread
+
+
+def test_the_timeout_bounds_the_whole_probe_not_each_read() -> None:
+    # A server trickling its answer one byte at a time, each well within the timeout: the
+    # whole check must still end at its timeout (probe threads are few and shared).
+    def trickle(conn: socket.socket) -> None:
+        for byte in b"HTTP/1.0 200 OK\r\n\r\n":
+            time.sleep(0.1)
+            conn.sendall(bytes([byte]))
+
+    port, thread = _serve_once(trickle)
+    assert probe("127.0.0.1", Check("http", port, timeout_s=0.5)) == Result(False, "timeout")
+    thread.join(5)
+
+
+def test_an_answer_that_is_not_http_fails_with_a_short_clean_reason() -> None:
+    port, thread = _serve_once(lambda c: c.sendall(b"\x00" * 3000 + b"\n"))
+    assert probe("127.0.0.1", Check("http", port, timeout_s=2)) == Result(
+        False, "the answer is not HTTP"
+    )
+    thread.join(5)
+    # Whatever a check's detail holds, the reason reported stays short and printable.
+    h = InstanceHealth.of((TCP,))
+    for _ in range(FAILURE_THRESHOLD):
+        h = h.record(0, Result(False, "junk\x00" * 1000), now=100, started_at=0)
+    assert h.verdict is Verdict.UNHEALTHY
+    assert len(h.reason) <= REASON_MAX_CHARS and h.reason.isprintable()
 
 
 # -- the agent --------------------------------------------------------------------------------

@@ -215,14 +215,15 @@ def test_text_is_cleaned_and_streams_are_classified(tmp_path: Path, console: Pat
 
 
 def test_exec_check_results_never_leave_the_host(tmp_path: Path, console: Path) -> None:
-    """They carry the boot's secret check token (docs/specs/guest-config.md §4.1)."""
+    """They carry the boot's secret check token (docs/specs/guest-config.md §4.1), also
+    after a workload's unfinished output on the same line."""
     sink = Sink()
     ship = shipper(tmp_path, sink)
     write(
         console,
         b"ember-init: check 5f0c9a1e 0 ok\r\n"
         b"served GET /\n"
-        b"ember-init: check 5f0c9a1e 0 fail status 1\r\n",
+        b"progress 50%ember-init: check 5f0c9a1e 0 fail status 1\r\n",
     )
     ship.ship({"i1": (console, False)})
     assert sink.lines() == ["served GET /"]

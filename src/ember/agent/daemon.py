@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import http.client
 import logging
 import math
 import os
@@ -232,24 +231,47 @@ def _hostname(alloc: Allocation) -> str:
 
 def probe(address: str, check: Check) -> Result:
     """One tcp or http check from the host: tcp connects to the port; http ``GET path``
-    answers 2xx or 3xx. ``check.timeout_s`` bounds the connect and each read."""
+    answers 2xx or 3xx. ``check.timeout_s`` bounds the whole check, not each socket call:
+    a server trickling a byte at a time must not hold a probe thread (there are few, and
+    every instance's checks share them) past its timeout. So the http request is a
+    minimal HTTP/1.0 exchange on a socket with a deadline (http.client's timeout is per
+    call) that reads only the status line."""
+    deadline = time.monotonic() + check.timeout_s
+
+    def left() -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        return remaining
+
     try:
-        if check.type == "http":
-            conn = http.client.HTTPConnection(address, check.port, timeout=check.timeout_s)
-            try:
-                conn.request("GET", check.path, headers={"User-Agent": "ember-agent/health"})
-                status = conn.getresponse().status
-            finally:
-                conn.close()
-            if not 200 <= status < 400:
-                return Result(False, f"status {status}")
-        else:
-            with socket.create_connection((address, check.port), timeout=check.timeout_s):
-                pass
+        with socket.create_connection((address, check.port), timeout=check.timeout_s) as sock:
+            if check.type != "http":
+                return Result(True)
+            host = f"[{address}]" if ":" in address else address
+            request = (
+                f"GET {check.path} HTTP/1.0\r\nHost: {host}:{check.port}\r\n"
+                "User-Agent: ember-agent/health\r\nConnection: close\r\n\r\n"
+            )
+            sock.settimeout(left())
+            sock.sendall(request.encode("ascii", "replace"))
+            head = b""
+            while b"\n" not in head and len(head) < 1024:
+                sock.settimeout(left())
+                chunk = sock.recv(1024)
+                if not chunk:
+                    break
+                head += chunk
     except TimeoutError:
         return Result(False, "timeout")
-    except (OSError, http.client.HTTPException) as exc:
-        return Result(False, str(exc) or type(exc).__name__)
+    except OSError as exc:
+        return Result(False, exc.strerror or type(exc).__name__)
+    parts = head.split(b"\n", 1)[0].split()
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+        return Result(False, "the answer is not HTTP")
+    status = int(parts[1])
+    if not 200 <= status < 400:
+        return Result(False, f"status {status}")
     return Result(True)
 
 
@@ -476,7 +498,16 @@ class Agent:
             busy = set(self._busy)
         actions = [a for a in plan(allocations, local) if a.instance_id not in busy]
         for action in actions:
-            self._execute(action)
+            try:
+                self._execute(action)
+            except Exception as exc:  # one instance's failed report must not stall the rest
+                log.warning(
+                    "instance %s: %s failed: %s",
+                    action.instance_id,
+                    type(action).__name__,
+                    exc,
+                    exc_info=not isinstance(exc, EmberError),
+                )
         return actions
 
     def ship_logs(self) -> int:

@@ -58,6 +58,15 @@ GRACE_PROBE_INTERVAL_S = 0.2
 """...and until it first passes within its grace period (at most: its interval)."""
 
 _DEFAULTS = {"interval": "10s", "timeout": "2s", "grace_period": "5s"}
+REASON_MAX_CHARS = 500
+"""A reason goes into a report (at most 2000 characters, no NUL): its detail comes from
+what a workload answered, so it is cut and cleaned here — a report the control plane
+refuses would be retried on every pass."""
+
+
+def _printable(text: str, limit: int) -> str:
+    clean = "".join(c if c.isprintable() else "\ufffd" for c in text)
+    return clean if len(clean) <= limit else clean[: limit - 1] + "…"
 
 
 class Verdict(enum.StrEnum):
@@ -228,7 +237,8 @@ class InstanceHealth:
         for check, state in zip(self.checks, self.states, strict=True):
             if state.failures >= FAILURE_THRESHOLD:
                 why = f": {state.detail}" if state.detail else ""
-                return f"{check.describe()} failed {state.failures} times in a row{why}"
+                text = f"{check.describe()} failed {state.failures} times in a row{why}"
+                return _printable(text, REASON_MAX_CHARS)
         return ""
 
     def _with(self, index: int, state: CheckState) -> InstanceHealth:

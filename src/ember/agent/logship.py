@@ -178,8 +178,8 @@ class _Part:
 
 CHECK_RESULT_PREFIX = "ember-init: check "
 """The init's exec-check results (docs/specs/guest-config.md §4.1) carry the secret
-per-boot token that authenticates them to the agent: they are not shipped (nor are a
-workload's imitations of them)."""
+per-boot token that authenticates them to the agent: a line holding one anywhere is not
+shipped (nor is a workload's imitation of one)."""
 
 
 def classify(text: str) -> wl.LogStream:
@@ -344,8 +344,10 @@ def _admit(read: ConsoleRead, bucket: TokenBucket, ts: dt.datetime, rate: float)
         dropped = 0
 
     for raw in read.lines:
-        if raw.text.startswith(CHECK_RESULT_PREFIX):
-            continue  # carries the boot's check token: never leaves the host
+        if CHECK_RESULT_PREFIX in raw.text:
+            # Carries the boot's check token: never leaves the host. Anywhere in the line:
+            # the workload's unfinished output may precede the init's line on it.
+            continue
         if bucket.take():
             flush()
             line = wl.LogShipLine(ts=ts, stream=raw.stream, line=raw.text)

@@ -75,7 +75,9 @@ def teardown(
         if record.status is LocalStatus.EXITED:
             continue
         code = record.exit_code
-        if record.status is LocalStatus.RUNNING and _adopt(driver, store, record.vm_id, iid):
+        # PREPARING too: an agent killed between starting the VMM and recording it
+        # leaves a running VM behind a record that still says preparing.
+        if _adopt(driver, store, record.vm_id, iid):
             with contextlib.suppress(VmNotFound):
                 code = driver.stop(record.vm_id, timeout_s=record.kill_timeout_s).exit_code
             stopped.append(iid)

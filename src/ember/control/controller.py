@@ -139,7 +139,11 @@ class Controller:
         # without waiting out a tick; a pass with nothing to do appends nothing.
         while not stop():
             if not self.ensure_leader():
-                time.sleep(self.config.interval_s)  # standing by: the lease, on a timer
+                # Standing by: the lease, on a timer — yet reading the notifications (a
+                # listener that never reads them holds back the server's NOTIFY queue).
+                until = time.monotonic() + self.config.interval_s
+                while (left := until - time.monotonic()) > 0:
+                    wait(left)
                 continue
             try:
                 self.run_pass(batch_size=batch_size)

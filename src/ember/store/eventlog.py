@@ -23,7 +23,12 @@ from typing import Any, Final
 import psycopg
 from psycopg.types.json import Jsonb
 
-from ember.core.errors import ConcurrencyConflict, IdempotencyKeyReused, ValidationFailed
+from ember.core.errors import (
+    ConcurrencyConflict,
+    EmberError,
+    IdempotencyKeyReused,
+    ValidationFailed,
+)
 from ember.core.events import (
     ANY,
     ZERO,
@@ -278,24 +283,13 @@ class EventLog:
         """``wait(timeout)``: returns as soon as an append commits (a NOTIFY on
         :data:`CHANNEL`) or after ``timeout`` — for a loop that should react to new events
         at once yet still run on a timer. A NOTIFY is only a hint: the loop reads what
-        it needs itself. Without a connection (the database is away) it just sleeps."""
+        it needs itself. While the database is away it is a plain timer, and it listens
+        again on a later call once the database is back."""
+        waker = _Wakeups(self.db.conninfo)
         try:
-            conn = connect(self.db.conninfo, autocommit=True)
-            conn.execute(f"LISTEN {CHANNEL}")
-        except psycopg.Error:
-            yield time.sleep
-            return
-
-        def wait(timeout: float) -> None:
-            try:
-                wait_for_notify(conn, timeout, None)
-            except psycopg.Error:
-                time.sleep(timeout)  # the connection broke: a timer until the caller's next
-
-        try:
-            yield wait
+            yield waker.wait
         finally:
-            conn.close()
+            waker.close()
 
     def subscribe(
         self,
@@ -360,6 +354,30 @@ def decode_row(registry: EventRegistry, row: tuple[Any, ...]) -> RecordedEvent:
         metadata=metadata,
         recorded_at=recorded_at,
     )
+
+
+class _Wakeups:
+    """A LISTEN connection opened on first use and re-opened after it broke."""
+
+    def __init__(self, conninfo: str) -> None:
+        self.conninfo = conninfo
+        self.conn: psycopg.Connection | None = None
+
+    def wait(self, timeout: float) -> None:
+        try:
+            if self.conn is None:
+                self.conn = connect(self.conninfo, autocommit=True)
+                self.conn.execute(f"LISTEN {CHANNEL}")
+            wait_for_notify(self.conn, timeout, None)
+        except (EmberError, psycopg.Error):
+            self.close()  # the database is away: a timer now, listen again next call
+            time.sleep(timeout)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self.conn.close()
+            self.conn = None
 
 
 def wait_for_notify(conn: psycopg.Connection, timeout: float, stop: Any) -> None:

@@ -427,6 +427,25 @@ def test_writers_of_one_env_commit_in_id_order_so_followers_skip_nothing(
     assert texts(read(api, tenant, after=mid["cursor"])) == ["A", "B"]
 
 
+def test_a_writer_that_waits_too_long_for_its_env_is_told_to_ship_again_later(
+    api: Api, tenant: Tenant, nodes: dict[str, httpx.Auth]
+) -> None:
+    """Writers queued on one env's lock each hold a pooled connection: past the lock
+    timeout the API answers 503 logs.busy (the agent ships again next pass) rather than
+    draining the pool for every other request."""
+    place(api, tenant, "h1", "ins_a")
+    with psycopg.connect(api.database_url) as holder:
+        holder.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(%s, 3))", (f"logs:{tenant.app_id}/prod",)
+        )
+        body = ship(api, nodes["h1"], "h1", "ins_a", {"lines": lines("late")}, expect=503)
+        assert body["error"]["code"] == "logs.busy"
+        holder.rollback()
+    assert texts(read(api, tenant)) == []  # nothing half-written
+    ship(api, nodes["h1"], "h1", "ins_a", {"lines": lines("late")})
+    assert texts(read(api, tenant)) == ["late"]
+
+
 # -- retention ------------------------------------------------------------------------------------
 
 

@@ -142,9 +142,10 @@ def logs(
                 if not page.items and not as_json:
                     click.echo(f"No log lines of {app_name} in {env_name} yet.", err=True)
                 return
-            _follow(read, page.cursor, emit)
-    except KeyboardInterrupt:
-        return  # Ctrl-C ends a follow: that is how it is meant to stop
+            try:
+                _follow(read, page.cursor, emit)
+            except KeyboardInterrupt:
+                return  # Ctrl-C ends a follow: that is how it is meant to stop (exit 0)
     except BrokenPipeError:
         # `ember logs | head`: the reader left. Point stdout at /dev/null so the
         # interpreter's final flush does not complain either.

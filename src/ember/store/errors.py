@@ -2,7 +2,8 @@
 
 EmberError (ember.core.errors)
 ├── Unavailable
-│   └── DatabaseUnavailable   store.unavailable       cannot connect / connection lost
+│   ├── DatabaseUnavailable   store.unavailable       cannot connect / connection lost
+│   └── LogsBusy              logs.busy               an env's log writers queued too long
 └── StoreError                store.error             any other database error
     ├── MigrationFailed       store.migration_failed  a migration is broken or was edited
     └── SchemaNotMigrated     store.not_migrated      tables missing: run migrations
@@ -18,6 +19,12 @@ from ember.core.errors import Conflict, EmberError, Kind, Unavailable
 class StoreError(EmberError):
     code = "store.error"
     kind = Kind.INTERNAL
+
+
+class LogsBusy(Unavailable):
+    """An environment's log writers queued past their lock timeout: ship again later."""
+
+    code = "logs.busy"
 
 
 class DatabaseUnavailable(Unavailable):

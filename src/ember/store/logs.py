@@ -28,6 +28,7 @@ import psycopg
 
 from ember.core.errors import ValidationFailed
 from ember.store.db import Database
+from ember.store.errors import LogsBusy
 
 __all__ = ["CHANNEL", "LogPage", "LogSource", "LogStore", "NewLine", "Retention", "StoredLine"]
 
@@ -166,26 +167,48 @@ class LogStore:
             "tss": [ln.ts for ln in lines],
             "lines": [ln.line for ln in lines],
         }
-        with self.db.connection() as conn, conn.transaction():
-            _lock_env(conn, source.app_id, source.env)
-            row = conn.execute(_INSERT_SQL, params).fetchone()
-            assert row is not None and row[0] is not None
-            first, last = int(row[0]), int(row[1])
-            if self.retention.due(first, last):
-                self._prune(conn, source.app_id, source.env)
+        with self.db.connection() as conn:
+            try:
+                with conn.transaction():
+                    # Writers of one env queue on its lock, each holding a pooled
+                    # connection: a bounded wait, then 503 — the agent ships again next
+                    # pass — rather than a pool drained for every other request.
+                    conn.execute("SET LOCAL lock_timeout = '2s'")
+                    _lock_env(conn, source.app_id, source.env)
+                    row = conn.execute(_INSERT_SQL, params).fetchone()
+                    assert row is not None and row[0] is not None
+                    first, last = int(row[0]), int(row[1])
+                    due = self.retention.due(first, last)
+                    if due:
+                        self._prune_env(conn, source.app_id, source.env)
+            except psycopg.errors.LockNotAvailable as exc:
+                raise LogsBusy(
+                    "this environment's logs are being written by others",
+                    hint="the agent ships them again on its next pass",
+                ) from exc
+            if due:
+                # Every env's old lines, in a transaction of its own: not while holding
+                # this env's lock, and not taking other envs' rows under it.
+                with conn.transaction():
+                    self._prune_old(conn)
         return first, last
 
     def prune(self, app_id: str, env: str) -> None:
         """Apply the retention to ``env`` (and the age limit to everyone) now."""
-        with self.db.connection() as conn, conn.transaction():
-            _lock_env(conn, app_id, env)
-            self._prune(conn, app_id, env)
+        with self.db.connection() as conn:
+            with conn.transaction():
+                _lock_env(conn, app_id, env)
+                self._prune_env(conn, app_id, env)
+            with conn.transaction():
+                self._prune_old(conn)
 
-    def _prune(self, conn: psycopg.Connection, app_id: str, env: str) -> None:
+    def _prune_env(self, conn: psycopg.Connection, app_id: str, env: str) -> None:
         conn.execute(
             _PRUNE_ENV_SQL,
             {"app_id": app_id, "env": env, "keep": self.retention.keep_lines},
         )
+
+    def _prune_old(self, conn: psycopg.Connection) -> None:
         # One age sweep at a time: two sweeps deleting the same rows could deadlock, and
         # the second has nothing left to do anyway.
         got = conn.execute(

@@ -25,6 +25,7 @@ from ember.agent.health import (
     FAILURE_THRESHOLD,
     GRACE_PROBE_INTERVAL_S,
     REASON_MAX_CHARS,
+    SILENCE_SLACK_S,
     STARTUP_INTERVAL_S,
     Check,
     InstanceHealth,
@@ -131,6 +132,24 @@ def test_guest_results_are_numbered_among_exec_checks_only() -> None:
     assert [s.latest for s in h.states] == [None, None, True]
     assert h.record_guest(2, OK, now=1, started_at=0) == h  # no such exec check
     assert h.record_guest(-1, OK, now=1, started_at=0) == h
+
+
+def test_a_guest_that_stops_reporting_its_exec_check_turns_unhealthy() -> None:
+    """A frozen or thrashing guest prints nothing: silence past interval + timeout + slack
+    counts as a failure, once per stretch; a result resets it."""
+    late = EXEC.interval_s + EXEC.timeout_s + SILENCE_SLACK_S
+    h = InstanceHealth.of((EXEC,)).record_guest(0, OK, now=10, started_at=0)
+    assert h.verdict is Verdict.HEALTHY
+    assert h.silent(10 + late - 0.1, started_at=0) == h  # not late yet
+    now = 10 + late + 0.1
+    for _ in range(FAILURE_THRESHOLD):
+        h = h.silent(now, started_at=0)
+        assert h.silent(now + 1, started_at=0) == h  # counted once per stretch
+        now += late + 0.1
+    assert h.verdict is Verdict.UNHEALTHY
+    assert "no result from the guest" in h.reason
+    h = h.record_guest(0, OK, now=now, started_at=0)
+    assert h.verdict is Verdict.HEALTHY and h.states[0].failures == 0
 
 
 def test_the_schedule_startup_rate_until_the_first_pass_then_the_interval() -> None:

@@ -462,6 +462,7 @@ class Agent:
                 if (got := parse_check_line(line, record.check_token)) is not None:
                     result = Result(got.ok, got.detail)
                     health = health.record_guest(got.index, result, now=now, started_at=started_at)
+            health = health.silent(now, started_at)
         address = record.address or ""
         for index in health.due(now, started_at) if address else ():
             if index not in probes:  # never two runs of one check at once

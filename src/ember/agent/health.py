@@ -39,6 +39,7 @@ from ember.core.manifest import parse_duration
 __all__ = [
     "FAILURE_THRESHOLD",
     "GRACE_PROBE_INTERVAL_S",
+    "SILENCE_SLACK_S",
     "STARTUP_INTERVAL_S",
     "Check",
     "CheckState",
@@ -58,6 +59,9 @@ GRACE_PROBE_INTERVAL_S = 0.2
 """...and until it first passes within its grace period (at most: its interval)."""
 
 _DEFAULTS = {"interval": "10s", "timeout": "2s", "grace_period": "5s"}
+SILENCE_SLACK_S = 5.0
+"""How late an exec check's result may be (console and scheduling jitter) before the
+silence counts as a failure (:meth:`InstanceHealth.silent`)."""
 REASON_MAX_CHARS = 500
 """A reason goes into a report (at most 2000 characters, no NUL): its detail comes from
 what a workload answered, so it is cut and cleaned here — a report the control plane
@@ -115,7 +119,8 @@ class CheckState:
     """Consecutive failures that counted (after the grace period)."""
     passed_once: bool = False
     last_run: float | None = None
-    """When the agent last started it (agent-run checks only)."""
+    """When the agent last started it (agent-run checks); when its latest result, or
+    silence, was recorded (exec checks)."""
     detail: str = ""
     """Why the latest result failed."""
 
@@ -229,7 +234,26 @@ class InstanceHealth:
         indices = [i for i, c in enumerate(self.checks) if c.in_guest]
         if not 0 <= guest_index < len(indices):
             return self
-        return self.record(indices[guest_index], result, now=now, started_at=started_at)
+        index = indices[guest_index]
+        recorded = self.record(index, result, now=now, started_at=started_at)
+        return recorded._with(index, dataclasses.replace(recorded.states[index], last_run=now))
+
+    def silent(self, now: float, started_at: float) -> InstanceHealth:
+        """Count a failure for every exec check the guest has not reported on for its
+        interval + timeout + :data:`SILENCE_SLACK_S` (after its grace period): a frozen
+        or thrashing guest prints nothing, and must not stay healthy for it. Counted once
+        per such stretch of silence."""
+        out = self
+        for index, (check, state) in enumerate(zip(self.checks, self.states, strict=True)):
+            if not check.in_guest:
+                continue
+            since = state.last_run if state.last_run is not None else started_at + check.grace_s
+            quiet = now - since
+            if quiet > check.interval_s + check.timeout_s + SILENCE_SLACK_S:
+                result = Result(False, f"no result from the guest for {quiet:.0f}s")
+                out = out.record(index, result, now=now, started_at=started_at)
+                out = out._with(index, dataclasses.replace(out.states[index], last_run=now))
+        return out
 
     @property
     def reason(self) -> str:

@@ -31,7 +31,7 @@ from typing import Any
 
 import httpx
 
-from ember.bench.common import bench_cluster, median, percentile, write_result
+from ember.bench.common import bench_cluster, median, percentile, run_and_report
 
 CONCURRENCY = 8
 
@@ -224,20 +224,21 @@ def main() -> None:
     if args.serve:
         serve(args.serve)
         return
-    started = time.monotonic()
-    result = run(args.quick)
-    result["wall_seconds"] = round(time.monotonic() - started, 1)
-    write_result(args.out, "api", result, quick=args.quick)
-    for key in (
-        "create_app_p50_ms",
-        "create_app_p99_ms",
-        "create_app_rps",
-        "get_app_rps",
-        "static_rps",
-        "rps_ratio_vs_static",
-        "wall_seconds",
-    ):
-        print(f"{key:24} {result[key]}")
+    run_and_report(
+        "api",
+        run,
+        quick=args.quick,
+        out=args.out,
+        summary=(
+            "create_app_p50_ms",
+            "create_app_p99_ms",
+            "create_app_rps",
+            "get_app_rps",
+            "static_rps",
+            "rps_ratio_vs_static",
+            "wall_seconds",
+        ),
+    )
     print(f"wrote {args.out}")
 
 

@@ -80,7 +80,7 @@ from ember.bench.boot_agent import (
     Feed,
     tail,
 )
-from ember.bench.common import median, percentile, write_result
+from ember.bench.common import median, percentile, run_and_report
 from ember.core.errors import EmberError
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -715,28 +715,26 @@ def main() -> None:
         return
     if os.geteuid() != 0:
         sys.exit("bench-boot needs root (a network namespace, taps, nftables, cgroups)")
-    started = time.monotonic()
-    try:
-        result = run(args.quick)
-    except (BenchFailed, EmberError) as exc:
-        hint = getattr(exc, "hint", None)
-        sys.exit(f"bench-boot failed: {exc}" + (f"\n  hint: {hint}" if hint else ""))
-    result["wall_seconds"] = round(time.monotonic() - started, 1)
-    write_result(args.out, "boot", result, quick=args.quick)
-    for key in (
-        "bare_qemu_boot_to_serving_s",
-        "agent_boot_to_serving_s",
-        "overhead_ratio",
-        "overhead_s",
-        "cold_image_prepare_s",
-        "agent_rss_mb",
-        "agent_rss_idle_mb",
-        "agent_cpu_s_per_boot",
-        "agent_phases_s",
-        "goals",
-        "wall_seconds",
-    ):
-        print(f"{key:30} {result.get(key)}")
+    result = run_and_report(
+        "boot",
+        run,
+        quick=args.quick,
+        out=args.out,
+        summary=(
+            "bare_qemu_boot_to_serving_s",
+            "agent_boot_to_serving_s",
+            "overhead_ratio",
+            "overhead_s",
+            "cold_image_prepare_s",
+            "agent_rss_mb",
+            "agent_rss_idle_mb",
+            "agent_cpu_s_per_boot",
+            "agent_phases_s",
+            "goals",
+            "wall_seconds",
+        ),
+        errors=(BenchFailed, EmberError),
+    )
     print(f"{'ratios_per_round':30} {result['config']['samples']['ratios_per_round']}")
     print(f"wrote {args.out}")
 

@@ -7,9 +7,10 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +55,28 @@ def write_result(path: Path, name: str, result: dict[str, Any], *, quick: bool) 
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+
+
+def run_and_report(
+    name: str,
+    run: Callable[[bool], dict[str, Any]],
+    *,
+    quick: bool,
+    out: Path,
+    summary: Sequence[str],
+    errors: tuple[type[BaseException], ...] = (),
+) -> dict[str, Any]:
+    """A benchmark's ``main`` after its arguments: run it (timed into ``wall_seconds``),
+    write ``out``, print the ``summary`` keys. One of ``errors`` ends the process with
+    its message (and hint), not a traceback."""
+    started = time.monotonic()
+    try:
+        result = run(quick)
+    except errors as exc:
+        hint = getattr(exc, "hint", None)
+        sys.exit(f"bench-{name} failed: {exc}" + (f"\n  hint: {hint}" if hint else ""))
+    result["wall_seconds"] = round(time.monotonic() - started, 1)
+    write_result(out, name, result, quick=quick)
+    for key in summary:
+        print(f"{key:30} {result.get(key)}")
+    return result

@@ -94,7 +94,7 @@ from ember.bench.boot import (
     ratio,
     stats,
 )
-from ember.bench.common import median, write_result
+from ember.bench.common import median, run_and_report
 from ember.client import Client
 from ember.core.errors import EmberError
 from ember.dev.examples import versioned_hello_http_manifest
@@ -772,29 +772,27 @@ def main() -> None:
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench-deploy needs root (a network namespace, taps, nftables, cgroups)")
-    started = time.monotonic()
-    try:
-        result = run(args.quick)
-    except (BenchFailed, EmberError) as exc:
-        hint = getattr(exc, "hint", None)
-        sys.exit(f"bench-deploy failed: {exc}" + (f"\n  hint: {hint}" if hint else ""))
-    result["wall_seconds"] = round(time.monotonic() - started, 1)
-    write_result(args.out, "deploy", result, quick=args.quick)
-    for key in (
-        "deploy_to_serving_s",
-        "bare_boot_to_serving_s",
-        "deploy_overhead_ratio",
-        "deploy_overhead_s",
-        "deploy_cli_returned_s",
-        "deploy_phases_s",
-        "rollout_failed_requests",
-        "rollout_requests",
-        "rollout_seconds",
-        "goals",
-        "wall_seconds",
-    ):
-        print(f"{key:26} {result.get(key)}")
-    print(f"{'ratios_per_round':26} {result['config']['samples']['ratios_per_round']}")
+    result = run_and_report(
+        "deploy",
+        run,
+        quick=args.quick,
+        out=args.out,
+        summary=(
+            "deploy_to_serving_s",
+            "bare_boot_to_serving_s",
+            "deploy_overhead_ratio",
+            "deploy_overhead_s",
+            "deploy_cli_returned_s",
+            "deploy_phases_s",
+            "rollout_failed_requests",
+            "rollout_requests",
+            "rollout_seconds",
+            "goals",
+            "wall_seconds",
+        ),
+        errors=(BenchFailed, EmberError),
+    )
+    print(f"{'ratios_per_round':30} {result['config']['samples']['ratios_per_round']}")
     print(f"wrote {args.out}")
 
 

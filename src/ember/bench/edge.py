@@ -64,7 +64,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from ember.bench.common import bench_cluster, median, percentile, write_result
+from ember.bench.common import bench_cluster, median, percentile, run_and_report
 from ember.core.edge import Backend, EdgeSettings, EdgeSnapshot, Route, RouteKind
 from ember.edge.haproxy import ApplyResult, HAProxy, HAProxyOptions
 
@@ -833,30 +833,31 @@ def main() -> None:
     if args.serve_api:
         serve_api(args.serve_api)
         return
-    started = time.monotonic()
-    result = run(args.quick)
-    result["wall_seconds"] = round(time.monotonic() - started, 1)
-    write_result(args.out, "edge", result, quick=args.quick)
-    for key in (
-        "edge_conn_per_s",
-        "direct_haproxy_conn_per_s",
-        "conn_ratio",
-        "edge_cpu_us_per_conn",
-        "direct_haproxy_cpu_us_per_conn",
-        "cpu_ratio",
-        "conn_errors",
-        "route_propagation_p50_ms",
-        "route_propagation_p99_ms",
-        "tcp_route_propagation_p50_ms",
-        "tcp_route_propagation_p99_ms",
-        "route_propagation_failures",
-        "goals",
-        "wall_seconds",
-    ):
-        print(f"{key:28} {result.get(key)}")
-    print(f"{'ratios_per_round':28} {result['config']['ratios_per_round']}")
+    result = run_and_report(
+        "edge",
+        run,
+        quick=args.quick,
+        out=args.out,
+        summary=(
+            "edge_conn_per_s",
+            "direct_haproxy_conn_per_s",
+            "conn_ratio",
+            "edge_cpu_us_per_conn",
+            "direct_haproxy_cpu_us_per_conn",
+            "cpu_ratio",
+            "conn_errors",
+            "route_propagation_p50_ms",
+            "route_propagation_p99_ms",
+            "tcp_route_propagation_p50_ms",
+            "tcp_route_propagation_p99_ms",
+            "route_propagation_failures",
+            "goals",
+            "wall_seconds",
+        ),
+    )
+    print(f"{'ratios_per_round':30} {result['config']['ratios_per_round']}")
     for kind, phases in result["propagation_phases"].items():
-        print(f"{'phases ' + kind:28} {phases}")
+        print(f"{'phases ' + kind:30} {phases}")
     print(f"wrote {args.out}")
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from ember.dev.examples import versioned_hello_http_manifest
+from ember.dev.processes import Supervisor
 from tests.integration.test_qemu_boot import guest  # noqa: F401  (the session fixture)
 from tests.support.agentstack import (
     SAMPLE,
@@ -70,14 +71,8 @@ class Platform(AgentStack):
         self.api_url = info["api_url"]
 
     def agent_pid(self) -> int | None:
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            pid = int((self.home / "run" / "agent.pid").read_text())
-            cmd = (
-                Path(f"/proc/{pid}/cmdline").read_bytes() if Path(f"/proc/{pid}").exists() else b""
-            )
-            if b"agent" in cmd:
-                return pid
-        return None
+        """The agent `ember dev up` runs, as `ember dev` itself finds it."""
+        return Supervisor(self.home).pid("agent")
 
     def agent_alive(self) -> bool:
         return self.agent_pid() is not None

@@ -367,7 +367,7 @@ class Agent:
             ),
             nets=(NetDevice("eth0", lease.tap, lease.mac),) if lease is not None else (),
             console_log=vm_dir / "console.log",
-            workdir=vm_dir / "run",
+            workdir=self.store.vm_run_dir(record.instance_id),
         )
 
     # -- start-up -------------------------------------------------------------------------

@@ -139,6 +139,11 @@ class StateStore:
     def vm_dir(self, instance_id: str) -> Path:
         return self.data_dir / "vms" / instance_id
 
+    def vm_run_dir(self, instance_id: str) -> Path:
+        """The VMM driver's own directory of an instance (pid files, sockets, the exit
+        record): where the agent starts the VM and where adoption finds it again."""
+        return self.vm_dir(instance_id) / "run"
+
     def load(self) -> AgentState:
         try:
             text = self.path.read_text()

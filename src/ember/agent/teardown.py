@@ -26,14 +26,9 @@ from ember.agent.net.taps import TapNetwork
 from ember.agent.state import StateStore
 from ember.agent.vmm.base import VmmDriver, VmNotFound, VmSpec, VmState
 
-__all__ = ["TeardownReport", "teardown", "vm_run_dir"]
+__all__ = ["TeardownReport", "teardown"]
 
 REASON = "stopped with the host ('ember dev down')"
-
-
-def vm_run_dir(store: StateStore, instance_id: str) -> Path:
-    """The VMM driver's own directory of an instance (pid files, sockets, exit record)."""
-    return store.vm_dir(instance_id) / "run"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +48,7 @@ def _adopt(driver: VmmDriver, store: StateStore, vm_id: str, instance_id: str) -
         vcpus=1,
         memory_mb=128,
         drives=(),
-        workdir=vm_run_dir(store, instance_id),
+        workdir=store.vm_run_dir(instance_id),
     )
     handle = driver.adopt(spec)
     return handle is not None and handle.state is VmState.RUNNING

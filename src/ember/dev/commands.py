@@ -141,6 +141,16 @@ def _service_token(ops: OpsContext) -> str:
     return token_file.read_text().strip()
 
 
+def _api_client_env(ops: OpsContext, **extra: str) -> dict[str, str]:
+    """The environment of a stack process that talks to the API (the edge, the agent)."""
+    return {
+        **os.environ,
+        "EMBER_HOME": str(ops.settings.home),
+        "EMBER_API_URL": _api_url(ops),
+        **extra,
+    }
+
+
 def _ember() -> str:
     return os.path.join(os.path.dirname(sys.executable), "ember")
 
@@ -151,13 +161,11 @@ def _start_edge(ops: OpsContext) -> str:
     if shutil.which("haproxy") is None:
         return "not started: haproxy is not installed (make bootstrap installs it)"
     sup = _supervisor(ops)
-    env = {
-        **os.environ,
-        "EMBER_HOME": str(ops.settings.home),
-        "EMBER_API_URL": _api_url(ops),
-        "EMBER_EDGE_TOKEN": _service_token(ops),
-        "EMBER_EDGE_DIR": str(ops.settings.home / "edge" / "haproxy"),
-    }
+    env = _api_client_env(
+        ops,
+        EMBER_EDGE_TOKEN=_service_token(ops),
+        EMBER_EDGE_DIR=str(ops.settings.home / "edge" / "haproxy"),
+    )
     started = sup.start("edge", [_ember(), "server", "edge"], env)
     return "started" if started else "running"
 
@@ -212,12 +220,7 @@ def _start_agent(ops: OpsContext, wanted: bool, host_id: str) -> str:
     if guest is None:
         return "not started: no guest kernel (run 'make guest' in the checkout)"
     data_dir = _agent_dir(ops)
-    env = {
-        **os.environ,
-        "EMBER_HOME": str(ops.settings.home),
-        "EMBER_API_URL": _api_url(ops),
-        "EMBER_AGENT_DIR": str(data_dir),
-    }
+    env = _api_client_env(ops, EMBER_AGENT_DIR=str(data_dir))
     if StateStore(data_dir).load().host_id is None:  # first start: enrol
         svc = ops.tenancy()
         who = svc.authenticate(_service_token(ops))

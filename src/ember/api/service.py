@@ -116,10 +116,6 @@ class Tenancy:
     def sync(self, cursor: Cursor, projection: str = PROJECTION, timeout: float = 10.0) -> None:
         """Fold ``projection`` up to ``cursor`` (read-your-writes for the caller)."""
         deadline = time.monotonic() + timeout
-        # Already there (a long-poll resuming from a cursor it was given): one read, not
-        # the projection's lock, which many concurrent readers would queue on.
-        if self.runner.cursor(projection) >= cursor:
-            return
         while True:
             self.runner.catch_up(projection)
             if self.runner.cursor(projection) >= cursor:
